@@ -1,0 +1,1 @@
+"""txmilt: the Sendmail milter protocol on Twisted, with many filters per connection."""

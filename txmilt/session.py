@@ -1,0 +1,596 @@
+"""Sans-IO milter sessions: legal order, macros, negotiation and who owes a reply.
+
+``MilterSession`` is the filter side (what libmilter does); ``MTASession`` drives
+the same tables from the MTA side so clients and test MTAs can be built on it.
+Both are fed bytes with ``receive_data`` (``b""`` means end of stream), hand out
+events with ``next_event`` and turn outgoing messages into bytes with ``send``.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
+from txmilt.errors import LocalProtocolError, NegotiationError, ProtocolError, RemoteProtocolError
+from txmilt.messages import (
+    INTERNAL_PROTOCOL_BITS,
+    PROTOCOL_VERSION,
+    Abort,
+    Accept,
+    Action,
+    BodyChunk,
+    Command,
+    Connect,
+    ConnectionFail,
+    Continue,
+    Data,
+    Discard,
+    EndOfHeaders,
+    EndOfMessage,
+    Header,
+    Helo,
+    Macros,
+    MacroStage,
+    MailFrom,
+    Negotiate,
+    NegotiateReply,
+    Progress,
+    ProtocolFlag,
+    Quit,
+    QuitNoClose,
+    RcptTo,
+    Reject,
+    Response,
+    Shutdown,
+    Skip,
+    TempFail,
+    Unknown,
+    required_action,
+)
+
+
+class Stage(enum.Enum):
+    """Where a session stands; named for the last command processed."""
+
+    INIT = "before OPTNEG"
+    OPTIONS = "after OPTNEG"
+    CONNECT = "CONNECT"
+    HELO = "HELO"
+    MAIL = "MAIL"
+    RCPT = "RCPT"
+    DATA = "DATA"
+    HEADERS = "HEADER"
+    END_OF_HEADERS = "EOH"
+    BODY = "BODY"
+    END_OF_MESSAGE = "end of message"
+    CLOSED = "closed"
+
+
+class _NeedData:
+    """Sentinel: no whole event until more bytes arrive."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnected:
+    """The stream ended; ``truncated`` if it stopped inside a frame."""
+
+    truncated: bool = False
+
+
+Event = Command | Disconnected
+MilterEvent = Command | Disconnected
+MTAEvent = Response | Disconnected
+
+# The stage each transaction-ordered command moves to.
+_STAGE_OF: Final[Mapping[type, Stage]] = {
+    Connect: Stage.CONNECT,
+    Helo: Stage.HELO,
+    MailFrom: Stage.MAIL,
+    RcptTo: Stage.RCPT,
+    Data: Stage.DATA,
+    Header: Stage.HEADERS,
+    EndOfHeaders: Stage.END_OF_HEADERS,
+    BodyChunk: Stage.BODY,
+    EndOfMessage: Stage.END_OF_MESSAGE,
+}
+
+# Legal successors (libmilter's table, PROTOCOL.md §5.2, with UNKNOWN kept out:
+# it may come between any two commands outside the message content and
+# leaves the stage as it was).
+_NEXT: Final[Mapping[Stage, frozenset[Stage]]] = {
+    Stage.INIT: frozenset(),
+    Stage.OPTIONS: frozenset({Stage.CONNECT}),
+    Stage.CONNECT: frozenset({Stage.HELO, Stage.MAIL}),
+    Stage.HELO: frozenset({Stage.HELO, Stage.MAIL}),
+    Stage.MAIL: frozenset({Stage.RCPT}),
+    Stage.RCPT: frozenset({
+        Stage.RCPT, Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY, Stage.END_OF_MESSAGE,
+    }),
+    Stage.DATA: frozenset({Stage.HEADERS, Stage.END_OF_HEADERS}),
+    Stage.HEADERS: frozenset({Stage.HEADERS, Stage.END_OF_HEADERS}),
+    Stage.END_OF_HEADERS: frozenset({Stage.BODY, Stage.END_OF_MESSAGE}),
+    Stage.BODY: frozenset({Stage.BODY, Stage.END_OF_MESSAGE}),
+    Stage.END_OF_MESSAGE: frozenset({Stage.HELO, Stage.MAIL}),
+    Stage.CLOSED: frozenset(),
+}
+
+# A stage the MTA never enters when the milter switched its command off.
+_SKIPPED_BY: Final[Mapping[Stage, ProtocolFlag]] = {
+    Stage.CONNECT: ProtocolFlag.NO_CONNECT,
+    Stage.HELO: ProtocolFlag.NO_HELO,
+    Stage.MAIL: ProtocolFlag.NO_MAIL,
+    Stage.RCPT: ProtocolFlag.NO_RCPT,
+    Stage.DATA: ProtocolFlag.NO_DATA,
+    Stage.HEADERS: ProtocolFlag.NO_HEADERS,
+    Stage.END_OF_HEADERS: ProtocolFlag.NO_EOH,
+    Stage.BODY: ProtocolFlag.NO_BODY,
+}
+
+#: The flag that switches each command off (``SMFIP_NO*``).
+NO_FLAG: Final[Mapping[type, ProtocolFlag]] = {
+    Connect: ProtocolFlag.NO_CONNECT,
+    Helo: ProtocolFlag.NO_HELO,
+    MailFrom: ProtocolFlag.NO_MAIL,
+    RcptTo: ProtocolFlag.NO_RCPT,
+    Data: ProtocolFlag.NO_DATA,
+    Header: ProtocolFlag.NO_HEADERS,
+    EndOfHeaders: ProtocolFlag.NO_EOH,
+    BodyChunk: ProtocolFlag.NO_BODY,
+    Unknown: ProtocolFlag.NO_UNKNOWN,
+}
+
+#: The flag that silences the reply to each command (``SMFIP_NR_*``).
+NO_REPLY_FLAG: Final[Mapping[type, ProtocolFlag]] = {
+    Connect: ProtocolFlag.NR_CONNECT,
+    Helo: ProtocolFlag.NR_HELO,
+    MailFrom: ProtocolFlag.NR_MAIL,
+    RcptTo: ProtocolFlag.NR_RCPT,
+    Data: ProtocolFlag.NR_DATA,
+    Header: ProtocolFlag.NR_HEADER,
+    EndOfHeaders: ProtocolFlag.NR_EOH,
+    BodyChunk: ProtocolFlag.NR_BODY,
+    Unknown: ProtocolFlag.NR_UNKNOWN,
+}
+
+_TRANSACTION: Final = frozenset({
+    Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY,
+})
+_CONTENT: Final = frozenset({Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY})
+
+# Commands after which a refusal leaves the stage alone (more RCPTs may follow).
+_REFUSAL_KEEPS_STAGE: Final = (RcptTo, Unknown)
+
+# Macro sets libmilter keeps, by command letter, in lookup order (latest stage first).
+_MACRO_LETTERS: Final = "ENTRMHC"
+# Sets discarded when a command of this letter is processed: every later stage.
+_MACRO_CLEARS: Final[Mapping[str, str]] = {"C": "HMRTNE", "H": "MRTNE", "M": "RTNE", "R": "TNE"}
+
+_FINAL: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
+_REPLY_COMMANDS: Final = (
+    Connect, Helo, MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown,
+)
+# Commands at which DISCARD means something (a message is in progress or marked).
+_DISCARD_COMMANDS: Final = (MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown)
+
+#: Protocol bits a milter may ask for without the MTA noticing when they are missing.
+OPTIONAL_PROTOCOL_BITS: Final = ProtocolFlag(
+    sum(NO_FLAG.values()) | sum(NO_REPLY_FLAG.values()) | ProtocolFlag.SKIP
+)
+#: Events never negotiated away: the session needs MAIL to see where messages begin.
+TRACKING_EVENTS: Final = ProtocolFlag.NO_MAIL
+
+
+@functools.lru_cache(maxsize=64)
+def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, frozenset[Stage]]:
+    """Successor table with stages switched off by NO flags walked over."""
+    skip = {stage for stage, flag in _SKIPPED_BY.items() if flag & skipped}
+
+    def reach(stage: Stage, seen: frozenset[Stage]) -> set[Stage]:
+        out = set(_NEXT[stage])
+        for successor in _NEXT[stage] & skip:
+            if successor not in seen:
+                out |= reach(successor, seen | {successor})
+        return out
+
+    return {stage: frozenset(reach(stage, frozenset({stage}))) for stage in Stage}
+
+
+def _normal_macro_name(name: str) -> str:
+    return name[1:-1] if name.startswith("{") and name.endswith("}") else name
+
+
+class MacroView(Mapping[str, str]):
+    """Macro values visible now, latest stage first; ``x`` and ``{x}`` are one name."""
+
+    __slots__ = ("_sets",)
+
+    def __init__(self, sets: tuple[Mapping[str, str], ...]) -> None:
+        self._sets = sets
+
+    def __getitem__(self, name: str) -> str:
+        key = _normal_macro_name(name)
+        for values in self._sets:
+            if key in values:
+                return values[key]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        seen: set[str] = set()
+        for values in self._sets:
+            for key in values:
+                if key not in seen:
+                    seen.add(key)
+                    yield key
+
+    def __len__(self) -> int:
+        return len(set().union(*self._sets))
+
+    def __repr__(self) -> str:
+        return f"MacroView({dict(self)!r})"
+
+
+EMPTY_MACROS: Final = MacroView(())
+
+
+# ---------------------------------------------------------------- negotiation
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """What a filter (or a chain of them) needs from the MTA.
+
+    ``protocol`` bits must be granted (leading space, rejected recipients);
+    ``optional`` bits (events switched off, replies silenced, SKIP) are taken
+    where the MTA offers them.
+    """
+
+    actions: Action = Action.NONE
+    protocol: ProtocolFlag = ProtocolFlag.NONE
+    optional: ProtocolFlag = ProtocolFlag.NONE
+    macros: Mapping[MacroStage, tuple[str, ...]] = field(default_factory=dict)
+
+
+def offered(offer: Negotiate) -> tuple[Action, ProtocolFlag]:
+    """The actions and protocol bits an offer really grants (libmilter's defaults for 0)."""
+    actions = offer.actions or Action(0x0F)
+    protocol = (offer.protocol or ProtocolFlag(0x3F)) & ~INTERNAL_PROTOCOL_BITS
+    return actions, protocol
+
+
+def _flag_names(flags: enum.IntFlag) -> str:
+    return ", ".join(flag.name or hex(flag.value) for flag in type(flags) if flag.value and flag in flags)
+
+
+def negotiate(offer: Negotiate, needs: Requirements) -> NegotiateReply:
+    """The OPTNEG reply for ``needs``; NegotiationError if the MTA lacks something needed."""
+    if offer.version < 2:
+        raise NegotiationError(f"MTA offers protocol version {offer.version}; version 2 or later is needed")
+    actions, protocol = offered(offer)
+    wanted_actions = needs.actions
+    if needs.macros:
+        wanted_actions |= Action.SET_MACRO_LIST
+    missing = wanted_actions & ~actions
+    if missing:
+        raise NegotiationError(f"MTA does not offer actions {_flag_names(missing)} (it offers {actions:#x})")
+    missing_bits = needs.protocol & ~protocol
+    if missing_bits:
+        raise NegotiationError(
+            f"MTA does not offer protocol options {_flag_names(missing_bits)} (it offers {protocol:#x})"
+        )
+    granted = needs.protocol | (needs.optional & ~TRACKING_EVENTS & protocol)
+    macros = {stage: tuple(names) for stage, names in needs.macros.items()}
+    return NegotiateReply(min(offer.version, PROTOCOL_VERSION), wanted_actions, granted, macros)
+
+
+def check_negotiation(
+    offer: Negotiate, reply: NegotiateReply, error: type[ProtocolError] = RemoteProtocolError
+) -> None:
+    """Raise ``error`` unless ``reply`` is a legal answer to ``offer`` (as Sendmail checks)."""
+    actions, protocol = offered(offer)
+    if not 2 <= reply.version <= offer.version:
+        raise error(f"OPTNEG reply version {reply.version} is not between 2 and the offered {offer.version}")
+    if reply.actions & ~actions:
+        raise error(f"OPTNEG reply asks for actions {_flag_names(reply.actions & ~actions)} not offered")
+    extra = reply.protocol & ~INTERNAL_PROTOCOL_BITS & ~protocol
+    if extra:
+        raise error(f"OPTNEG reply asks for protocol options {_flag_names(extra)} not offered")
+    if reply.macros and not reply.actions & Action.SET_MACRO_LIST:
+        raise error("OPTNEG reply lists macros without the SETSYMLIST action")
+
+
+# ------------------------------------------------------------------ sessions
+
+
+class _Session:
+    """Order, negotiation and reply bookkeeping shared by both sides."""
+
+    _local_error: type[ProtocolError] = LocalProtocolError
+
+    def __init__(self, frame_limit: int = DEFAULT_FRAME_LIMIT) -> None:
+        self._frames = FrameBuffer(frame_limit)
+        self._eof = False
+        self.stage = Stage.INIT
+        self.offer: Negotiate | None = None
+        self.negotiated: NegotiateReply | None = None
+        self._transitions = _transitions(ProtocolFlag.NONE)
+        self._awaiting: Command | None = None
+
+    # -- negotiated values
+
+    @property
+    def protocol(self) -> ProtocolFlag:
+        """Negotiated protocol bits (none before negotiation)."""
+        return self.negotiated.protocol if self.negotiated else ProtocolFlag.NONE
+
+    @property
+    def actions(self) -> Action:
+        """Negotiated actions (none before negotiation)."""
+        return self.negotiated.actions if self.negotiated else Action.NONE
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a message is open (MAIL seen, end of message or abort not yet)."""
+        return self.stage in _TRANSACTION
+
+    @property
+    def awaiting(self) -> Command | None:
+        """The command whose final reply is still owed, if any."""
+        return self._awaiting
+
+    def _set_negotiated(self, offer: Negotiate, reply: NegotiateReply) -> None:
+        self.offer, self.negotiated = offer, reply
+        self._transitions = _transitions(reply.protocol)
+        self.stage = Stage.OPTIONS
+
+    def _reply_expected(self, command: Command) -> bool:
+        if isinstance(command, Negotiate):
+            return True
+        if not isinstance(command, _REPLY_COMMANDS):
+            return False
+        if isinstance(command, EndOfMessage):
+            return True
+        return not self.protocol & NO_REPLY_FLAG[type(command)]
+
+    def _order(self, command: Command, error: type[ProtocolError]) -> list[Command]:
+        """Move the stage for ``command``; the events it stands for (an implicit abort first)."""
+        stage = self.stage
+        if stage is Stage.CLOSED:
+            raise error(f"{command!r} after the session closed")
+        if isinstance(command, Negotiate):
+            if stage is not Stage.INIT:
+                raise error(f"second OPTNEG in stage {stage.value}")
+            return [command]
+        if stage is Stage.INIT:
+            raise error(f"{type(command).__name__} before OPTNEG")
+        if isinstance(command, Macros):
+            return [command]
+        if isinstance(command, Abort):
+            if stage in _TRANSACTION:
+                self.stage = Stage.HELO
+                return [command]
+            return []
+        if isinstance(command, Quit | QuitNoClose):
+            events: list[Command] = [Abort()] if stage in _TRANSACTION else []
+            self.stage = Stage.CLOSED if isinstance(command, Quit) else Stage.OPTIONS
+            return [*events, command]
+        if isinstance(command, Unknown):
+            if stage in _CONTENT:
+                raise error(f"UNKNOWN not allowed in stage {stage.value}")
+            return [command]
+        target = _STAGE_OF[type(command)]
+        if target in self._transitions[stage]:
+            self.stage = target
+            return [command]
+        if stage is not Stage.OPTIONS and target in self._transitions[Stage.HELO]:
+            # libmilter's fallback: abandon the open message and start again from HELO.
+            self.stage = target
+            return [Abort(), command] if stage in _TRANSACTION else [command]
+        raise error(f"{type(command).__name__} not allowed in stage {stage.value}")
+
+    def _after_final(self, command: Command, reply: Response) -> None:
+        """Move the stage once the final reply to ``command`` is out."""
+        self._awaiting = None
+        if isinstance(command, Negotiate | Unknown) or self.stage is Stage.CLOSED:
+            return
+        if isinstance(command, EndOfMessage):
+            self.stage = Stage.END_OF_MESSAGE
+        elif isinstance(reply, Accept) or (
+            isinstance(reply, Reject | TempFail | Discard | Shutdown)
+            and not isinstance(command, _REFUSAL_KEEPS_STAGE)
+        ):
+            self.stage = Stage.HELO
+
+    def _check_response(self, response: Response, error: type[ProtocolError]) -> Command:
+        """Raise ``error`` unless ``response`` may answer what is awaited; the awaited command."""
+        command = self._awaiting
+        name = type(response).__name__
+        if command is None:
+            raise error(f"{name} sent while no reply is owed (stage {self.stage.value})")
+        if isinstance(command, Negotiate) != isinstance(response, NegotiateReply):
+            raise error(f"{name} cannot answer {type(command).__name__}")
+        if isinstance(response, NegotiateReply | Progress | Continue | Accept | Reject | TempFail | Shutdown):
+            return command
+        if isinstance(response, ConnectionFail):
+            raise error("CONN_FAIL ('f') is handled by no MTA and must not be sent")
+        if isinstance(response, Skip):
+            if not isinstance(command, BodyChunk):
+                raise error(f"SKIP can only answer BODY, not {type(command).__name__}")
+            if not self.protocol & ProtocolFlag.SKIP:
+                raise error("SKIP was not negotiated")
+            return command
+        if isinstance(response, Discard):
+            if not isinstance(command, _DISCARD_COMMANDS):
+                raise error(f"DISCARD cannot answer {type(command).__name__}")
+            return command
+        if not isinstance(command, EndOfMessage):
+            raise error(f"{name} only allowed at end of message, not in reply to {type(command).__name__}")
+        needed = required_action(response)
+        if not self.actions & needed:
+            raise error(f"{name} needs action {needed.name}, which was not negotiated")
+        return command
+
+
+class MilterSession(_Session):
+    """The filter side of one MTA connection."""
+
+    def __init__(self, frame_limit: int = DEFAULT_FRAME_LIMIT) -> None:
+        super().__init__(frame_limit)
+        self._macros: dict[str, Mapping[str, str]] = {}
+        self._pending: list[Event] = []
+
+    @property
+    def reply_due(self) -> bool:
+        """Whether the last event still needs a final reply from us."""
+        return self._awaiting is not None
+
+    @property
+    def macros(self) -> MacroView:
+        """A snapshot of the macro values visible now."""
+        stored = self._macros
+        if not stored:
+            return EMPTY_MACROS
+        return MacroView(tuple(stored[letter] for letter in _MACRO_LETTERS if letter in stored))
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the MTA; ``b""`` marks the end of the stream."""
+        if data:
+            if not self._eof:
+                self._frames.feed(data)
+        else:
+            self._eof = True
+
+    def next_event(self) -> MilterEvent | _NeedData:
+        """The next command (or Disconnected), or NEED_DATA."""
+        if self._awaiting is not None:
+            raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
+        while not self._pending:
+            if self.stage is Stage.CLOSED:
+                return NEED_DATA
+            try:
+                frame = self._frames.next_frame()
+            except RemoteProtocolError as e:
+                stage, self.stage = self.stage, Stage.CLOSED
+                raise RemoteProtocolError(f"{e} (in stage {stage.value})") from e
+            if frame is None:
+                if not self._eof:
+                    return NEED_DATA
+                truncated = self._frames.pending > 0
+                events: list[Event] = [Abort()] if self.in_transaction else []
+                self.stage = Stage.CLOSED
+                self._pending.extend([*events, Disconnected(truncated)])
+                break
+            self._pending.extend(self._command(*frame))
+        event = self._pending.pop(0)
+        if not isinstance(event, Disconnected) and self._reply_expected(event):
+            self._awaiting = event
+        return event
+
+    def _command(self, letter: str, payload: bytes) -> list[Event]:
+        stage = self.stage
+        try:
+            command = decode_command(letter, payload)
+            events = self._order(command, RemoteProtocolError)
+        except RemoteProtocolError as e:
+            self.stage = Stage.CLOSED
+            raise RemoteProtocolError(f"{e} (in stage {stage.value})") from e
+        if isinstance(command, Macros):
+            self._store_macros(command)
+            return []
+        if isinstance(command, Negotiate | Quit | QuitNoClose):
+            self._macros = {}
+        elif command.letter in _MACRO_CLEARS:
+            for letter in _MACRO_CLEARS[command.letter]:
+                self._macros.pop(letter, None)
+        return list(events)
+
+    def _store_macros(self, packet: Macros) -> None:
+        if packet.command in _MACRO_LETTERS:
+            self._macros[packet.command] = {_normal_macro_name(name): value for name, value in packet.pairs}
+
+    def send(self, response: Response) -> bytes:
+        """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
+        command = self._check_response(response, LocalProtocolError)
+        if isinstance(response, NegotiateReply):
+            assert isinstance(command, Negotiate)
+            check_negotiation(command, response, LocalProtocolError)
+            data = encode(response)
+            self._set_negotiated(command, response)
+            self._awaiting = None
+            return data
+        data = encode(response)
+        if isinstance(response, _FINAL):
+            self._after_final(command, response)
+        return data
+
+
+class MTASession(_Session):
+    """The MTA side of one milter connection: sends commands, reads replies."""
+
+    def receive_data(self, data: bytes) -> None:
+        """Take bytes from the milter; ``b""`` marks the end of the stream."""
+        if data:
+            self._frames.feed(data)
+        else:
+            self._eof = True
+
+    @property
+    def reply_due(self) -> bool:
+        """Whether a final reply from the milter is still owed."""
+        return self._awaiting is not None
+
+    def wants(self, command: type[Command]) -> bool:
+        """Whether the milter asked to receive this kind of command."""
+        flag = NO_FLAG.get(command)
+        return flag is None or not self.protocol & flag
+
+    def send(self, command: Command) -> bytes:
+        """The bytes for ``command``; LocalProtocolError if it may not be sent now."""
+        if self._awaiting is not None and not isinstance(command, Macros | Abort | Quit | QuitNoClose):
+            raise LocalProtocolError(f"{command!r} sent while the reply to {self._awaiting!r} is owed")
+        flag = NO_FLAG.get(type(command))
+        if flag is not None and self.protocol & flag:
+            raise LocalProtocolError(f"the milter switched {type(command).__name__} off ({flag.name})")
+        data = encode(command)
+        self._order(command, LocalProtocolError)
+        if isinstance(command, Abort | Quit | QuitNoClose):
+            self._awaiting = None
+        if isinstance(command, Negotiate):
+            self.offer = command
+        if self._reply_expected(command):
+            self._awaiting = command
+        return data
+
+    def next_event(self) -> MTAEvent | _NeedData:
+        """The next response from the milter (or Disconnected), or NEED_DATA."""
+        if self.stage is Stage.CLOSED and not self._awaiting:
+            return NEED_DATA
+        frame = self._frames.next_frame()
+        if frame is None:
+            if not self._eof:
+                return NEED_DATA
+            self.stage = Stage.CLOSED
+            self._awaiting = None
+            return Disconnected(self._frames.pending > 0)
+        letter, payload = frame
+        awaited = self._awaiting
+        response = decode_response(letter, payload)
+        if isinstance(response, NegotiateReply) and isinstance(awaited, Negotiate):
+            check_negotiation(awaited, response, RemoteProtocolError)
+        command = self._check_response(response, RemoteProtocolError)
+        if isinstance(response, NegotiateReply):
+            assert isinstance(command, Negotiate)
+            self._set_negotiated(command, response)
+            self._awaiting = None
+        elif isinstance(response, _FINAL):
+            self._after_final(command, response)
+        return response
