@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from txmilt.errors import FrameSizeError, InvalidReplyError, LocalProtocolError, RemoteProtocolError
+from txmilt.errors import (
+    FrameSizeError,
+    InvalidReplyError,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from txmilt.messages import (
     ENHANCED_STATUS,
     Abort,
@@ -66,7 +73,10 @@ _HEADER_SIZE = 5
 
 def encode_text(text: str, what: str) -> bytes:
     """UTF-8 (surrogateescape) bytes of ``text``; refuse a NUL, which the wire cannot carry."""
-    raw = text.encode("utf-8", "surrogateescape")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise LocalProtocolError(f"{what} {text!r} cannot be encoded (a lone surrogate)") from None
     if b"\0" in raw:
         raise LocalProtocolError(f"{what} {text!r} contains a NUL byte")
     return raw
@@ -96,12 +106,19 @@ def _args(args: tuple[str, ...], what: str) -> bytes:
     return _z(" ".join(args), what)
 
 
+def _optneg(m: Negotiate | NegotiateReply) -> bytes:
+    for what, value in (("version", m.version), ("actions", m.actions), ("protocol", m.protocol)):
+        if not 0 <= value <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"OPTNEG {what} {value:#x} does not fit in 32 bits")
+    return _OPTNEG.pack(m.version, int(m.actions), int(m.protocol))
+
+
 def _enc_negotiate(m: Negotiate) -> bytes:
-    return frame("O", _OPTNEG.pack(m.version, int(m.actions), int(m.protocol)))
+    return frame("O", _optneg(m))
 
 
 def _enc_negotiate_reply(m: NegotiateReply) -> bytes:
-    parts = [_OPTNEG.pack(m.version, int(m.actions), int(m.protocol))]
+    parts = [_optneg(m)]
     for stage in sorted(m.macros):
         names = m.macros[stage]
         for name in names:
@@ -112,18 +129,22 @@ def _enc_negotiate_reply(m: NegotiateReply) -> bytes:
 
 
 def _enc_macros(m: Macros) -> bytes:
-    if len(m.command) != 1:
-        raise LocalProtocolError(f"macro packet needs one command letter, not {m.command!r}")
+    if len(m.command) != 1 or ord(m.command) > 0xFF:
+        raise LocalProtocolError(f"macro packet needs a one-byte command letter, not {m.command!r}")
     body = b"".join(_z(name, "macro name") + _z(value, "macro value") for name, value in m.pairs)
-    return frame("D", encode_text(m.command, "command letter") + body)
+    return frame("D", m.command.encode("latin-1") + body)
 
 
 def _enc_connect(m: Connect) -> bytes:
     payload = _z(m.hostname, "host name") + m.family.value.encode("ascii")
-    if m.family is not Family.UNKNOWN:
-        if not 0 <= m.port <= 0xFFFF:
-            raise LocalProtocolError(f"port {m.port} is out of range")
-        payload += _U16.pack(m.port) + _z(m.address, "address")
+    if m.family is Family.UNKNOWN:
+        if m.port or m.address:
+            raise LocalProtocolError(f"family 'U' carries no port or address: {m!r}")
+        return frame("C", payload)
+    if not 0 <= m.port <= 0xFFFF:
+        raise LocalProtocolError(f"port {m.port} is out of range")
+    _check_address(m.family, m.address, LocalProtocolError)
+    payload += _U16.pack(m.port) + _z(m.address, "address")
     return frame("C", payload)
 
 
@@ -311,7 +332,10 @@ def _dec_macros(payload: bytes) -> Macros:
     return Macros(command, tuple(zip(parts[::2], parts[1::2], strict=True)))
 
 
-def _check_address(family: Family, address: str) -> None:
+def _check_address(
+    family: Family, address: str, error: type[ProtocolError] = RemoteProtocolError
+) -> None:
+    """Raise ``error`` unless ``address`` parses as libmilter would for ``family``."""
     text = address
     if family is Family.INET6 and text[:5].lower() == "ipv6:":
         text = text[5:]
@@ -321,9 +345,7 @@ def _check_address(family: Family, address: str) -> None:
         elif family is Family.INET6:
             ipaddress.IPv6Address(text)
     except ValueError:
-        raise RemoteProtocolError(
-            f"CONNECT ('C') address {address!r} is not a valid {family.name} address"
-        ) from None
+        raise error(f"CONNECT ('C') address {address!r} is not a valid {family.name} address") from None
 
 
 def _dec_connect(payload: bytes) -> Connect:
@@ -409,6 +431,9 @@ def decode_command(letter: str, payload: bytes) -> Command:
     return decoder(payload)
 
 
+_REPLY_CODE = re.compile(r"[0-9]{3}")
+
+
 def parse_reply(text: str) -> Reject | TempFail:
     """The Reject or TempFail that a REPLYCODE text stands for."""
     lines = text.split("\r\n")
@@ -417,7 +442,7 @@ def parse_reply(text: str) -> Reject | TempFail:
     texts = []
     for number, line in enumerate(lines):
         marker = " " if number == len(lines) - 1 else "-"
-        if line[:3] != code or not code.isdigit() or line[3:4] not in (marker, ""):
+        if line[:3] != code or not _REPLY_CODE.fullmatch(code) or line[3:4] not in (marker, ""):
             raise RemoteProtocolError(f"REPLYCODE ('y') line {line!r} does not continue reply {code!r}")
         words = line[4:]
         first, _, after = words.partition(" ")
@@ -560,7 +585,9 @@ class FrameBuffer:
             return None
         (length,) = _U32.unpack_from(buffer, offset)
         if length > self.limit + 1:
-            raise FrameSizeError(length - 1, self.limit)
+            error = FrameSizeError(length - 1, self.limit)
+            error.args = (f"{chr(buffer[offset + 4])!r} {error}",)
+            raise error
         end = offset + 4 + (length or 1)
         if end > len(buffer):
             return None

@@ -270,7 +270,7 @@ class Accept:
 
 
 #: An enhanced status code such as ``5.7.1`` (RFC 3463).
-ENHANCED_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _MAX_REPLY_LINES = 32
 _MAX_REPLY_LINE_BYTES = 980
 
@@ -335,7 +335,11 @@ def _check_reply(verdict: str, code: int, status: str, lines: tuple[str, ...]) -
     for line in lines:
         if "\r" in line or "\n" in line or "\0" in line:
             raise InvalidReplyError(f"reply line {line!r} contains CR, LF or NUL; pass lines as a tuple")
-        if len(line.encode("utf-8", "surrogateescape")) > _MAX_REPLY_LINE_BYTES:
+        try:
+            size = len(line.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:
+            raise InvalidReplyError(f"reply line {line!r} cannot be encoded (a lone surrogate)") from None
+        if size > _MAX_REPLY_LINE_BYTES:
             raise InvalidReplyError(f"reply line longer than {_MAX_REPLY_LINE_BYTES} bytes")
 
 

@@ -70,14 +70,16 @@ class Stage(enum.Enum):
     CLOSED = "closed"
 
 
-class _NeedData:
-    """Sentinel: no whole event until more bytes arrive."""
+class _NeedData(enum.Enum):
+    """Sentinel type: no whole event until more bytes arrive."""
+
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA: Final = _NeedData()
+NEED_DATA: Final = _NeedData.NEED_DATA
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +92,31 @@ class Disconnected:
 Event = Command | Disconnected
 MilterEvent = Command | Disconnected
 MTAEvent = Response | Disconnected
+
+#: Protocol names of the commands, for messages (PROTOCOL.md §2.1).
+COMMAND_NAMES: Final[Mapping[type, str]] = {
+    Negotiate: "OPTNEG",
+    Macros: "MACRO",
+    Connect: "CONNECT",
+    Helo: "HELO",
+    MailFrom: "MAIL",
+    RcptTo: "RCPT",
+    Data: "DATA",
+    Header: "HEADER",
+    EndOfHeaders: "EOH",
+    BodyChunk: "BODY",
+    EndOfMessage: "BODYEOB",
+    Unknown: "UNKNOWN",
+    Abort: "ABORT",
+    Quit: "QUIT",
+    QuitNoClose: "QUIT_NC",
+}
+
+
+def _describe(command: Command) -> str:
+    """``RCPT ('R')``: how messages name a command."""
+    return f"{COMMAND_NAMES[type(command)]} ({command.letter!r})"
+
 
 # The stage each transaction-ordered command moves to.
 _STAGE_OF: Final[Mapping[type, Stage]] = {
@@ -268,7 +295,9 @@ def offered(offer: Negotiate) -> tuple[Action, ProtocolFlag]:
 
 
 def _flag_names(flags: enum.IntFlag) -> str:
-    return ", ".join(flag.name or hex(flag.value) for flag in type(flags) if flag.value and flag in flags)
+    named = [flag for flag in type(flags) if flag.value and flag in flags]
+    rest = int(flags) & ~sum(int(flag) for flag in named)
+    return ", ".join([str(flag.name) for flag in named] + ([hex(rest)] if rest else []))
 
 
 def negotiate(offer: Negotiate, needs: Requirements) -> NegotiateReply:
@@ -287,7 +316,7 @@ def negotiate(offer: Negotiate, needs: Requirements) -> NegotiateReply:
         raise NegotiationError(
             f"MTA does not offer protocol options {_flag_names(missing_bits)} (it offers {protocol:#x})"
         )
-    granted = needs.protocol | (needs.optional & ~TRACKING_EVENTS & protocol)
+    granted = (needs.protocol | (needs.optional & protocol)) & ~TRACKING_EVENTS
     macros = {stage: tuple(names) for stage, names in needs.macros.items()}
     return NegotiateReply(min(offer.version, PROTOCOL_VERSION), wanted_actions, granted, macros)
 
@@ -365,13 +394,13 @@ class _Session:
         """Move the stage for ``command``; the events it stands for (an implicit abort first)."""
         stage = self.stage
         if stage is Stage.CLOSED:
-            raise error(f"{command!r} after the session closed")
+            raise error(f"{_describe(command)} after the session closed")
         if isinstance(command, Negotiate):
             if stage is not Stage.INIT:
-                raise error(f"second OPTNEG in stage {stage.value}")
+                raise error(f"second {_describe(command)} in stage {stage.value}")
             return [command]
         if stage is Stage.INIT:
-            raise error(f"{type(command).__name__} before OPTNEG")
+            raise error(f"{_describe(command)} in stage {stage.value}")
         if isinstance(command, Macros):
             return [command]
         if isinstance(command, Abort):
@@ -385,7 +414,7 @@ class _Session:
             return [*events, command]
         if isinstance(command, Unknown):
             if stage in _CONTENT:
-                raise error(f"UNKNOWN not allowed in stage {stage.value}")
+                raise error(f"{_describe(command)} not allowed in stage {stage.value}")
             return [command]
         target = _STAGE_OF[type(command)]
         if target in self._transitions[stage]:
@@ -395,7 +424,7 @@ class _Session:
             # libmilter's fallback: abandon the open message and start again from HELO.
             self.stage = target
             return [Abort(), command] if stage in _TRANSACTION else [command]
-        raise error(f"{type(command).__name__} not allowed in stage {stage.value}")
+        raise error(f"{_describe(command)} not allowed in stage {stage.value}")
 
     def _after_final(self, command: Command, reply: Response) -> None:
         """Move the stage once the final reply to ``command`` is out."""
@@ -472,7 +501,9 @@ class MilterSession(_Session):
     def next_event(self) -> MilterEvent | _NeedData:
         """The next command (or Disconnected), or NEED_DATA."""
         if self._awaiting is not None:
-            raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
+            if not self._eof:
+                raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
+            self._awaiting = None  # the MTA is gone: the reply can no longer be delivered
         while not self._pending:
             if self.stage is Stage.CLOSED:
                 return NEED_DATA
@@ -480,7 +511,8 @@ class MilterSession(_Session):
                 frame = self._frames.next_frame()
             except RemoteProtocolError as e:
                 stage, self.stage = self.stage, Stage.CLOSED
-                raise RemoteProtocolError(f"{e} (in stage {stage.value})") from e
+                e.args = (f"{e} (in stage {stage.value})",)
+                raise
             if frame is None:
                 if not self._eof:
                     return NEED_DATA
@@ -499,10 +531,15 @@ class MilterSession(_Session):
         stage = self.stage
         try:
             command = decode_command(letter, payload)
-            events = self._order(command, RemoteProtocolError)
         except RemoteProtocolError as e:
             self.stage = Stage.CLOSED
-            raise RemoteProtocolError(f"{e} (in stage {stage.value})") from e
+            e.args = (f"{e} (in stage {stage.value})",)
+            raise
+        try:
+            events = self._order(command, RemoteProtocolError)
+        except RemoteProtocolError:
+            self.stage = Stage.CLOSED
+            raise
         if isinstance(command, Macros):
             self._store_macros(command)
             return []

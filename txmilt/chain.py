@@ -1,0 +1,805 @@
+"""The chain: several filters on one MTA connection, answering as one milter.
+
+Each command goes to every filter still active for it, all at once; the
+verdicts are read in filter order and the first refusal answers (DESIGN.md,
+chain rules 1-7). ``merge_verdicts`` and ``merge_changes`` are pure functions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeAlias, cast
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
+from txmilt.interfaces import IMilter
+from txmilt.messages import (
+    Abort,
+    Accept,
+    Action,
+    BodyChunk,
+    Command,
+    Connect,
+    Continue,
+    Discard,
+    EndOfMessage,
+    Header,
+    Helo,
+    InsertHeader,
+    MacroStage,
+    MailFrom,
+    Modification,
+    Negotiate,
+    NegotiateReply,
+    ProtocolFlag,
+    Quit,
+    QuitNoClose,
+    RcptTo,
+    Reject,
+    Response,
+    Skip,
+    TempFail,
+    Unknown,
+    split_body,
+    strip_leading_space,
+)
+from txmilt.messages import ChangeHeader as _ChangeHeader
+from txmilt.messages import Quarantine as _Quarantine
+from txmilt.milter import CALLBACKS, FILTER_VERDICTS, Changes, FilterVerdict, overrides
+from txmilt.session import NO_FLAG, NO_REPLY_FLAG, Disconnected, MacroView, Requirements, negotiate
+
+#: What the chain hands back for one command: the packets to send, now or later.
+Outcome: TypeAlias = "Sequence[Response] | Deferred[Sequence[Response]]"
+
+_REFUSALS = (Reject, TempFail, Discard)
+_FALLBACKS = (TempFail, Accept, Continue, Reject)
+_CONNECTION_LEVEL = (Connect, Helo)
+# Commands at which a refusal leaves the message open (recipient-level, or no message).
+_MESSAGE_SURVIVES = (Connect, Helo, RcptTo, Unknown)
+_HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
+_CONTINUE = Continue()
+
+
+class ChainObserver(Protocol):
+    """Receives the chain's counts and timings (metrics plug in here)."""
+
+    def verdict(self, filter_name: str, stage: str, verdict: str, dry_run: bool) -> None:
+        """A filter answered ``verdict`` at ``stage``."""
+
+    def change(self, filter_name: str, kind: str, dry_run: bool) -> None:
+        """A filter made one change of ``kind`` at end of message."""
+
+    def latency(self, filter_name: str, stage: str, seconds: float) -> None:
+        """A filter took ``seconds`` to answer at ``stage``."""
+
+    def failure(self, filter_name: str, stage: str, kind: str) -> None:
+        """A filter failed at ``stage``: ``kind`` is "timeout", "error" or "bad-verdict"."""
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One chain member: how to make it, and how to treat it when it fails."""
+
+    factory: Callable[[], IMilter]
+    name: str = ""
+    timeout: float = 25.0
+    fallback: FilterVerdict = field(default_factory=TempFail)
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            name = getattr(self.factory, "__qualname__", None) or repr(self.factory)
+            object.__setattr__(self, "name", name)
+        if not isinstance(self.fallback, _FALLBACKS):
+            raise ConfigurationError(
+                f"filter {self.name}: fallback must be TempFail, Accept, Continue or Reject, not {self.fallback!r}"
+            )
+        if not self.timeout > 0:
+            raise ConfigurationError(f"filter {self.name}: timeout must be positive, not {self.timeout!r}")
+
+
+def as_spec(member: FilterSpec | Callable[[], IMilter]) -> FilterSpec:
+    """A FilterSpec for a spec or a bare factory (such as a Milter subclass)."""
+    return member if isinstance(member, FilterSpec) else FilterSpec(member)
+
+
+# ------------------------------------------------------------------ pure merges
+
+
+def merge_verdicts(verdicts: Sequence[FilterVerdict]) -> FilterVerdict:
+    """The first refusal in chain order, else Continue (Accept and Skip are per filter)."""
+    for verdict in verdicts:
+        if isinstance(verdict, _REFUSALS):
+            return verdict
+    return _CONTINUE
+
+
+def _filter_requirements(milter: IMilter) -> tuple[Requirements, frozenset[type], frozenset[type]]:
+    """A filter's own needs, the commands it receives, and those it answers without reply."""
+    receives = frozenset(command for command, name in CALLBACKS.items() if overrides(milter, name))
+    silent = frozenset(
+        command for command in receives if CALLBACKS[command] in getattr(milter, "no_reply", frozenset())
+    )
+    protocol = ProtocolFlag.NONE
+    if getattr(milter, "leading_space", False):
+        protocol |= ProtocolFlag.HEADER_LEADING_SPACE
+    if getattr(milter, "rejected_recipients", False):
+        protocol |= ProtocolFlag.RCPT_REJECTED
+    macros = {MacroStage(stage): tuple(names) for stage, names in getattr(milter, "macro_requests", {}).items()}
+    needs = Requirements(actions=Action(getattr(milter, "actions", Action.NONE)), protocol=protocol, macros=macros)
+    return needs, receives, silent
+
+
+def merge_requirements(
+    members: Sequence[tuple[Requirements, frozenset[type], frozenset[type]]],
+    observe: Iterable[type] = (),
+) -> Requirements:
+    """The chain's needs: unions of actions and macros, events off only if nobody needs them.
+
+    A no-reply flag is asked for only when every filter receiving that command
+    answers it without reply; ``observe`` lists commands the chain itself reads.
+    """
+    actions, protocol = Action.NONE, ProtocolFlag.NONE
+    macros: dict[MacroStage, list[str]] = {}
+    for needs, _, _ in members:
+        actions |= needs.actions
+        protocol |= needs.protocol
+        for stage, names in needs.macros.items():
+            known = macros.setdefault(stage, [])
+            known.extend(name for name in names if name not in known)
+    optional = ProtocolFlag.NONE
+    watched = set(observe)
+    for command, no_flag in NO_FLAG.items():
+        receivers = [(receives, silent) for _, receives, silent in members if command in receives]
+        if not receivers and command not in watched:
+            optional |= no_flag
+        if all(command in silent for _, silent in receivers):
+            optional |= NO_REPLY_FLAG[command]
+    if any(BodyChunk in receives for _, receives, _ in members):
+        optional |= ProtocolFlag.SKIP
+    return Requirements(actions, protocol, optional, {stage: tuple(names) for stage, names in macros.items()})
+
+
+class _Entry:
+    """One header in the simulated header list used for rebasing."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, name: str) -> None:
+        self.key = name.lower()
+
+
+@dataclass
+class MergedChanges:
+    """The packets to send at end of message, and warnings about conflicts."""
+
+    modifications: list[Modification] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def merge_changes(headers: Sequence[tuple[str, str]], contributions: Sequence[tuple[str, Changes]]) -> MergedChanges:
+    """Apply each filter's changes in order, each rebased onto the message it saw.
+
+    Header indices are rewritten so that one filter's insert or delete does not
+    shift what a later filter meant; where two filters change the same single
+    thing (a header, the sender, the body, the quarantine reason), the later
+    wins and a warning names both.
+    """
+    merged = MergedChanges()
+    hidden = _Entry("")  # the MTA's own Received: header, position 0
+    original = [hidden, *(_Entry(name) for name, _ in headers)]
+    current = list(original)
+    touched: dict[_Entry, str] = {}
+    deleted: dict[_Entry, str] = {}
+    single: dict[str, str] = {}
+    sender = body = quarantine = None
+
+    def occurrences(entries: list[_Entry], key: str) -> list[_Entry]:
+        return [entry for entry in entries[1:] if entry.key == key]
+
+    for name, changes in contributions:
+        view = list(original)
+        for edit in changes.edits:
+            if isinstance(edit, InsertHeader):
+                entry = _Entry(edit.name)
+                anchor = next((e for e in view[edit.index:] if e in current and e is not hidden), None)
+                if edit.index == 0:
+                    anchor = hidden
+                position = len(current) if anchor is None else current.index(anchor)
+                view.insert(min(edit.index, len(view)), entry)
+                current.insert(position, entry)
+                merged.modifications.append(InsertHeader(position, edit.name, edit.value))
+            elif isinstance(edit, _ChangeHeader):
+                key = edit.name.lower()
+                seen = occurrences(view, key)
+                index = max(edit.index, 1)
+                if index <= len(seen):
+                    target = seen[index - 1]
+                    if target in deleted:
+                        merged.warnings.append(
+                            f"filter {name} changes header {edit.name} #{index}, which filter"
+                            f" {deleted[target]} deleted; ignored"
+                        )
+                        if not edit.value:
+                            view.remove(target)
+                        continue
+                    if target in touched:
+                        merged.warnings.append(
+                            f"filters {touched[target]} and {name} both change header {edit.name}"
+                            f" #{index}; {name} wins"
+                        )
+                    rebased = occurrences(current, key).index(target) + 1
+                    merged.modifications.append(_ChangeHeader(rebased, edit.name, edit.value))
+                    touched[target] = name
+                    if not edit.value:
+                        view.remove(target)
+                        current.remove(target)
+                        deleted[target] = name
+                else:
+                    beyond = index - len(seen)
+                    merged.modifications.append(
+                        _ChangeHeader(len(occurrences(current, key)) + beyond, edit.name, edit.value)
+                    )
+                    if edit.value and beyond == 1:
+                        entry = _Entry(edit.name)
+                        view.append(entry)
+                        current.append(entry)
+            else:
+                if hasattr(edit, "name") and not isinstance(edit, _Quarantine):
+                    entry = _Entry(cast(Any, edit).name)
+                    view.append(entry)
+                    current.append(entry)
+                merged.modifications.append(edit)
+        for what, value in (("sender", changes.sender), ("body", changes.body),
+                            ("quarantine reason", changes.quarantine_reason)):
+            if value is None:
+                continue
+            if what in single:
+                merged.warnings.append(f"filters {single[what]} and {name} both change the {what}; {name} wins")
+            single[what] = name
+            if what == "sender":
+                sender = changes.sender
+            elif what == "body":
+                body = changes.body
+            else:
+                quarantine = changes.quarantine_reason
+    if sender is not None:
+        merged.modifications.append(sender)
+    if body is not None:
+        merged.modifications.extend(split_body(body))
+    if quarantine is not None:
+        merged.modifications.append(_Quarantine(quarantine))
+    return merged
+
+
+# ----------------------------------------------------------------- the chain
+
+
+class _Member:
+    """One filter instance on this connection and its per-message state."""
+
+    __slots__ = (
+        "add_space",
+        "closed",
+        "in_message",
+        "milter",
+        "needs",
+        "receives",
+        "retired",
+        "retired_for_connection",
+        "silent",
+        "skipping",
+        "spec",
+        "strip_space",
+    )
+
+    def __init__(self, spec: FilterSpec) -> None:
+        self.spec = spec
+        self.milter = spec.factory()
+        self.needs, self.receives, self.silent = _filter_requirements(self.milter)
+        self.strip_space = False
+        self.add_space = False
+        self.retired = False
+        self.retired_for_connection = False
+        self.skipping = False
+        self.in_message = False
+        self.closed = False
+
+    @property
+    def active(self) -> bool:
+        return not (self.retired or self.retired_for_connection)
+
+
+_PENDING: Any = object()
+
+
+class Chain:
+    """Fans each MTA command out to the filters of one connection and merges their answers."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        filters: Sequence[FilterSpec | Callable[[], IMilter]],
+        clock: IReactorTime,
+        *,
+        connection_id: str = "-",
+        progress_interval: float = 10.0,
+        send_progress: Callable[[], None] | None = None,
+        observer: ChainObserver | None = None,
+    ) -> None:
+        self._specs = tuple(as_spec(spec) for spec in filters)
+        self._clock = clock
+        self.connection_id = connection_id
+        self._progress_interval = progress_interval
+        self.send_progress = send_progress
+        self._observer = observer
+        self._members = [_Member(spec) for spec in self._specs]
+        self._negotiated: NegotiateReply | None = None
+        self._headers: list[tuple[str, str]] = []
+        self._in_flight: Deferred[Any] | None = None
+        self._progress_call: IDelayedCall | None = None
+        self._closed = False
+
+    # -- negotiation
+
+    def _watched(self) -> tuple[type, ...]:
+        editors = [m for m in self._members if m.needs.actions & _HEADER_EDITS and not m.spec.dry_run]
+        return (Header,) if len(editors) > 1 else ()
+
+    def negotiate(self, offer: Negotiate) -> NegotiateReply:
+        """The chain's OPTNEG reply; NegotiationError names a filter the MTA cannot serve."""
+        for member in self._members:
+            try:
+                negotiate(offer, member.needs)
+            except NegotiationError as e:
+                raise NegotiationError(f"filter {member.spec.name}: {e}") from None
+        needs = merge_requirements(
+            [(m.needs, m.receives, m.silent) for m in self._members], observe=self._watched()
+        )
+        reply = negotiate(offer, needs)
+        self.accept_negotiation(reply)
+        return reply
+
+    def accept_negotiation(self, reply: NegotiateReply) -> None:
+        """Adapt the filters to what was negotiated (leading space per filter)."""
+        self._negotiated = reply
+        leading = bool(reply.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
+        for member in self._members:
+            wants = bool(member.needs.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
+            member.strip_space = member.add_space = leading and not wants
+
+    # -- dispatch
+
+    def handle(self, command: Command | Disconnected, macros: MacroView) -> Outcome:
+        """Run ``command`` through the chain; the responses to send (empty for none)."""
+        if isinstance(command, Abort):
+            return self._after(self._abort(self._members), ())
+        if isinstance(command, Quit | Disconnected | QuitNoClose):
+            outcome = self._after(self.close(), ())
+            if isinstance(command, QuitNoClose):
+                self._members = [_Member(spec) for spec in self._specs]
+                self._closed = False
+                if self._negotiated is not None:
+                    self.accept_negotiation(self._negotiated)
+            return outcome
+        if isinstance(command, MailFrom):
+            self._begin_message()
+        elif isinstance(command, Header):
+            self._headers.append((command.name, command.value))
+        if isinstance(command, EndOfMessage):
+            return self._end_of_message(command, macros)
+        return self._dispatch(command, macros)
+
+    def _dispatch(self, command: Command, macros: MacroView) -> Outcome:
+        kind = type(command)
+        targets = [m for m in self._members if m.active and kind in m.receives]
+        if kind is BodyChunk:
+            targets = [m for m in targets if not m.skipping]
+        elif kind is RcptTo and macros.get("rcpt_mailer") == "error":
+            targets = [m for m in targets if m.needs.protocol & ProtocolFlag.RCPT_REJECTED]
+        results = [self._invoke(m, command, macros) for m in targets]
+        gathered = self._gather(targets, results)
+        if isinstance(gathered, Deferred):
+            return self._track(gathered.addCallback(lambda verdicts: self._decide(command, targets, verdicts)))
+        return self._decide(command, targets, gathered)
+
+    def _invoke(self, member: _Member, command: Command, macros: MacroView) -> FilterVerdict | Deferred[Any]:
+        """Call one filter's callback; a verdict now, or a Deferred that never fails."""
+        milter = member.milter
+        milter.macros = macros
+        if isinstance(command, Header) and member.strip_space:
+            command = Header(command.name, strip_leading_space(command.value))
+        stage = CALLBACKS[type(command)]
+        try:
+            value = getattr(milter, stage)(command)
+        except Exception:
+            return self._failed(member, stage, Failure(), "error")
+        return self._settle(member, stage, value, self._clock.seconds())
+
+    def _settle(self, member: _Member, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
+        if value is None:
+            return _CONTINUE
+        if isinstance(value, FILTER_VERDICTS):
+            return self._checked(member, stage, value)
+        if inspect.iscoroutine(value):
+            value = Deferred.fromCoroutine(value)
+        if not isinstance(value, Deferred):
+            return self._bad_verdict(member, stage, value)
+        if value.called and not value.paused:
+            box: list[object] = []
+            value.addBoth(box.append)
+            if isinstance(box[0], Failure):
+                return self._failed(member, stage, box[0], "error")
+            return self._settle(member, stage, box[0], started)
+        value.addTimeout(member.spec.timeout, self._clock)
+
+        def done(result: object) -> object:
+            if self._observer is not None:
+                self._observer.latency(member.spec.name, stage, self._clock.seconds() - started)
+            if result is None:
+                return _CONTINUE
+            if isinstance(result, FILTER_VERDICTS):
+                return self._checked(member, stage, result)
+            return self._bad_verdict(member, stage, result)
+
+        def failed(failure: Failure) -> object:
+            if failure.check(TimeoutError):
+                return self._failed(member, stage, failure, "timeout")
+            if failure.check(CancelledError):
+                return _CONTINUE
+            return self._failed(member, stage, failure, "error")
+
+        return value.addCallbacks(done, failed)
+
+    def _checked(self, member: _Member, stage: str, verdict: FilterVerdict) -> FilterVerdict:
+        """The verdict if it is legal at this stage, else the filter's fallback."""
+        if isinstance(verdict, Skip) and stage != "body":
+            return self._bad_verdict(member, stage, verdict)
+        if isinstance(verdict, Discard) and stage in ("connect", "helo"):
+            return self._bad_verdict(member, stage, verdict)
+        if stage in member.milter.no_reply and not isinstance(verdict, Continue):
+            self.log.error(
+                "[{conn}] filter {filter} answered {verdict!r} from {stage}, which it declared no_reply;"
+                " ignored", conn=self.connection_id, filter=member.spec.name, verdict=verdict, stage=stage,
+            )
+            return _CONTINUE
+        return verdict
+
+    def _bad_verdict(self, member: _Member, stage: str, value: object) -> FilterVerdict:
+        self.log.error(
+            "[{conn}] filter {filter} returned {value!r} from {stage}, not a verdict legal there;"
+            " using fallback {fallback!r}",
+            conn=self.connection_id, filter=member.spec.name, value=value, stage=stage,
+            fallback=member.spec.fallback,
+        )
+        if self._observer is not None:
+            self._observer.failure(member.spec.name, stage, "bad-verdict")
+        return member.spec.fallback
+
+    def _failed(self, member: _Member, stage: str, failure: Failure, kind: str) -> FilterVerdict:
+        if kind == "timeout":
+            self.log.error(
+                "[{conn}] filter {filter} timed out after {timeout}s in {stage}; using fallback {fallback!r}",
+                conn=self.connection_id, filter=member.spec.name, timeout=member.spec.timeout, stage=stage,
+                fallback=member.spec.fallback,
+            )
+        else:
+            self.log.failure(
+                "[{conn}] filter {filter} failed in {stage}; using fallback {fallback!r}",
+                failure=failure, conn=self.connection_id, filter=member.spec.name, stage=stage,
+                fallback=member.spec.fallback,
+            )
+        if self._observer is not None:
+            self._observer.failure(member.spec.name, stage, kind)
+        return member.spec.fallback
+
+    def _gather(self, targets: list[_Member], results: list[Any]) -> list[FilterVerdict] | Deferred[Any]:
+        """Verdicts in filter order up to the first refusal that counts; later work is cancelled."""
+        settled: list[FilterVerdict] = []
+        deferreds: dict[int, Deferred[Any]] = {}
+        state: dict[str, Any] = {"outer": None, "running": False}
+
+        def store(verdict: FilterVerdict, index: int) -> None:
+            results[index] = verdict
+            outer = state["outer"]
+            if outer is not None and not outer.called and not state["running"] and advance():
+                outer.callback(settled)
+
+        def advance() -> bool:
+            state["running"] = True
+            try:
+                while len(settled) < len(results):
+                    index = len(settled)
+                    verdict = results[index]
+                    if verdict is _PENDING:
+                        return False
+                    settled.append(verdict)
+                    if isinstance(verdict, _REFUSALS) and not targets[index].spec.dry_run:
+                        for later, deferred in deferreds.items():
+                            if later > index and results[later] is _PENDING:
+                                deferred.cancel()
+                        return True
+                return True
+            finally:
+                state["running"] = False
+
+        for index, result in enumerate(results):
+            if isinstance(result, Deferred):
+                deferreds[index] = result
+                results[index] = _PENDING
+                result.addCallback(store, index)
+        if advance():
+            return settled
+
+        def cancel(_: Deferred[Any]) -> None:
+            for deferred in deferreds.values():
+                deferred.cancel()
+
+        outer: Deferred[Any] = Deferred(cancel)
+        state["outer"] = outer
+        return outer
+
+    def _decide(self, command: Command, targets: list[_Member], verdicts: list[FilterVerdict]) -> Outcome:
+        """Apply the settled verdicts to the filters' state; the MTA's answer."""
+        stage = CALLBACKS[type(command)]
+        answer: FilterVerdict | None = None
+        refuser: _Member | None = None
+        for member, verdict in zip(targets, verdicts, strict=False):
+            self._count(member, stage, verdict)
+            if member.spec.dry_run and not isinstance(verdict, Continue):
+                self.log.info(
+                    "[{conn}] evaluation: filter {filter} would answer {verdict!r} at {stage}",
+                    conn=self.connection_id, filter=member.spec.name, verdict=verdict, stage=stage,
+                )
+            if isinstance(verdict, Accept):
+                if isinstance(command, _CONNECTION_LEVEL):
+                    member.retired_for_connection = True
+                else:
+                    member.retired = True
+            elif isinstance(verdict, Skip):
+                member.skipping = True
+            elif isinstance(verdict, _REFUSALS) and not member.spec.dry_run:
+                answer, refuser = verdict, member
+        if answer is not None:
+            if not isinstance(command, _MESSAGE_SURVIVES):
+                others = [m for m in self._members if m is not refuser and m.in_message and m.active]
+                self._end_message()
+                return self._after(self._abort(others), (answer,))
+            return (answer,)
+        if self._all_accepted():
+            if not isinstance(command, _CONNECTION_LEVEL):
+                self._end_message()
+            return (Accept(),)
+        if isinstance(command, BodyChunk) and self._negotiated is not None:
+            readers = [m for m in self._members if m.active and BodyChunk in m.receives]
+            if readers and all(m.skipping for m in readers) and self._negotiated.protocol & ProtocolFlag.SKIP:
+                return (Skip(),)
+        return (_CONTINUE,)
+
+    def _all_accepted(self) -> bool:
+        counting = [m for m in self._members if not m.spec.dry_run]
+        return bool(counting) and not any(m.active for m in counting)
+
+    def _count(self, member: _Member, stage: str, verdict: FilterVerdict) -> None:
+        if self._observer is not None:
+            self._observer.verdict(member.spec.name, stage, type(verdict).__name__, member.spec.dry_run)
+
+    # -- messages
+
+    def _begin_message(self) -> None:
+        self._headers = []
+        for member in self._members:
+            member.retired = member.skipping = False
+            member.in_message = not member.retired_for_connection
+
+    def _end_message(self) -> None:
+        self._headers = []
+        for member in self._members:
+            member.retired = member.skipping = member.in_message = False
+
+    def _end_of_message(self, command: EndOfMessage, macros: MacroView) -> Outcome:
+        if command.data:
+            chunk = self._dispatch(BodyChunk(command.data), macros)
+
+            def then(responses: Sequence[Response]) -> Outcome:
+                if isinstance(responses[0], _REFUSALS | Accept):
+                    return responses
+                return self._final(command, macros)
+
+            if isinstance(chunk, Deferred):
+                return chunk.addCallback(then)
+            return then(chunk)
+        return self._final(command, macros)
+
+    def _final(self, command: EndOfMessage, macros: MacroView) -> Outcome:
+        targets = [m for m in self._members if m.active]
+        changes = [
+            Changes(m.needs.actions, add_space=m.add_space, on_progress=self._progress_now) for m in targets
+        ]
+        results: list[Any] = []
+        for member, recorder in zip(targets, changes, strict=True):
+            member.milter.macros = macros
+            try:
+                value = member.milter.end_of_message(recorder)
+            except Exception:
+                results.append(self._failed(member, "end_of_message", Failure(), "error"))
+                continue
+            results.append(self._settle(member, "end_of_message", value, self._clock.seconds()))
+        gathered = self._gather(targets, results)
+        if isinstance(gathered, Deferred):
+            self._start_progress()
+            gathered.addBoth(self._stop_progress)
+            return self._track(gathered.addCallback(lambda v: self._finish(targets, changes, v)))
+        return self._finish(targets, changes, gathered)
+
+    def _finish(self, targets: list[_Member], changes: list[Changes], verdicts: list[FilterVerdict]) -> Outcome:
+        """Merge end-of-message verdicts and changes: changes first, then the verdict."""
+        answer: FilterVerdict = _CONTINUE
+        contributions = []
+        for member, recorder, verdict in zip(targets, changes, verdicts, strict=False):
+            self._count(member, "end_of_message", verdict)
+            if member.spec.dry_run:
+                if not isinstance(verdict, Continue | Accept) or not recorder.empty:
+                    self.log.info(
+                        "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
+                        conn=self.connection_id, filter=member.spec.name, verdict=verdict,
+                        changes=_describe(recorder),
+                    )
+                self._count_changes(member, recorder)
+                continue
+            if isinstance(verdict, _REFUSALS):
+                answer = verdict
+                break
+            if isinstance(verdict, Accept):
+                member.retired = True
+            contributions.append((member.spec.name, recorder))
+            self._count_changes(member, recorder)
+        headers, self._headers = self._headers, []
+        if isinstance(answer, _REFUSALS):
+            self._end_message()
+            return (answer,)
+        merged = merge_changes(headers, contributions)
+        for warning in merged.warnings:
+            self.log.warn("[{conn}] {warning}", conn=self.connection_id, warning=warning)
+        final: FilterVerdict = Accept() if self._all_accepted() else _CONTINUE
+        self._end_message()
+        return (*merged.modifications, final)
+
+    def _count_changes(self, member: _Member, recorder: Changes) -> None:
+        if self._observer is None:
+            return
+        for kind in _describe(recorder):
+            self._observer.change(member.spec.name, kind, member.spec.dry_run)
+
+    def _abort(self, members: Iterable[_Member]) -> Deferred[Any] | None:
+        """Tell filters in a message that it is gone; revive the ones retired for it."""
+        pending = []
+        for member in members:
+            if member.in_message and member.active:
+                try:
+                    value = member.milter.abort()
+                except Exception:
+                    self._failed(member, "abort", Failure(), "error")
+                    continue
+                if inspect.iscoroutine(value):
+                    value = Deferred.fromCoroutine(value)
+                if isinstance(value, Deferred):
+                    pending.append(self._quietly(member, "abort", value))
+        self._end_message()
+        return _all_of(pending)
+
+    def close(self) -> Deferred[Any] | None:
+        """Call every filter's ``close`` once; later calls do nothing."""
+        if self._closed:
+            return None
+        self._closed = True
+        pending = []
+        for member in self._members:
+            if member.closed:
+                continue
+            member.closed = True
+            try:
+                value = member.milter.close()
+            except Exception:
+                self._failed(member, "close", Failure(), "error")
+                continue
+            if inspect.iscoroutine(value):
+                value = Deferred.fromCoroutine(value)
+            if isinstance(value, Deferred):
+                pending.append(self._quietly(member, "close", value))
+        return _all_of(pending)
+
+    def connection_lost(self, in_transaction: bool) -> None:
+        """The MTA vanished: cancel work in flight, abort an open message, close every filter."""
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+        if in_transaction:
+            self._abort(self._members)
+        self.close()
+
+    def _quietly(self, member: _Member, stage: str, deferred: Deferred[Any]) -> Deferred[Any]:
+        deferred.addTimeout(member.spec.timeout, self._clock)
+
+        def failed(failure: Failure) -> None:
+            kind = "timeout" if failure.check(TimeoutError) else "error"
+            self._failed(member, stage, failure, kind)
+
+        return deferred.addErrback(failed)
+
+    def _after(self, waiting: Deferred[Any] | None, responses: Sequence[Response]) -> Outcome:
+        if waiting is None:
+            return responses
+        return self._track(waiting.addCallback(lambda _: responses))
+
+    def _track(self, deferred: Deferred[Any]) -> Deferred[Any]:
+        self._in_flight = deferred
+
+        def clear(result: object) -> object:
+            if self._in_flight is deferred:
+                self._in_flight = None
+            return result
+
+        return deferred.addBoth(clear)
+
+    # -- progress keep-alives
+
+    def _progress_now(self) -> None:
+        if self.send_progress is not None:
+            self.send_progress()
+
+    def _start_progress(self) -> None:
+        if self.send_progress is None:
+            return
+
+        def tick() -> None:
+            self._progress_now()
+            self._progress_call = self._clock.callLater(self._progress_interval, tick)
+
+        self._progress_call = self._clock.callLater(self._progress_interval, tick)
+
+    def _stop_progress(self, result: object) -> object:
+        if self._progress_call is not None and self._progress_call.active():
+            self._progress_call.cancel()
+        self._progress_call = None
+        return result
+
+
+def _all_of(pending: list[Deferred[Any]]) -> Deferred[Any] | None:
+    if not pending:
+        return None
+    return gatherResults(pending, consumeErrors=True).addErrback(lambda _: None)
+
+
+def _describe(changes: Changes) -> list[str]:
+    kinds = [type(edit).__name__ for edit in changes.edits]
+    if changes.sender is not None:
+        kinds.append("ChangeFrom")
+    if changes.body is not None:
+        kinds.append("ReplaceBody")
+    if changes.quarantine_reason is not None:
+        kinds.append("Quarantine")
+    return kinds
+
+
+def verify_filters(filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> tuple[FilterSpec, ...]:
+    """Specs for ``filters``, each factory tried once so configuration errors show before listening."""
+    specs = tuple(as_spec(f) for f in filters)
+    for spec in specs:
+        try:
+            milter = spec.factory()
+        except Exception as e:
+            raise ConfigurationError(f"filter {spec.name} cannot be created: {e}") from e
+        if not IMilter.providedBy(milter):
+            raise ConfigurationError(f"filter {spec.name} does not provide IMilter; derive it from txmilt.Milter")
+        try:
+            _filter_requirements(milter)
+        except (ValueError, TypeError, LocalProtocolError) as e:
+            raise ConfigurationError(f"filter {spec.name} declares something invalid: {e}") from e
+    return specs

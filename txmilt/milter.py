@@ -1,0 +1,267 @@
+"""The filter API users write against: the Milter base class, verdicts and Changes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, ClassVar, TypeAlias
+
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+from txmilt.codec import encode_text
+from txmilt.errors import LocalProtocolError
+from txmilt.interfaces import IMilter
+from txmilt.messages import (
+    Accept,
+    Action,
+    AddHeader,
+    AddRecipient,
+    BodyChunk,
+    ChangeFrom,
+    ChangeHeader,
+    Connect,
+    Continue,
+    Data,
+    DeleteRecipient,
+    Discard,
+    EndOfHeaders,
+    Header,
+    Helo,
+    InsertHeader,
+    MacroStage,
+    MailFrom,
+    Modification,
+    RcptTo,
+    Reject,
+    Skip,
+    TempFail,
+    Unknown,
+    add_leading_space,
+)
+from txmilt.session import EMPTY_MACROS, MacroView
+
+#: What a filter callback may answer with.
+FilterVerdict: TypeAlias = Continue | Accept | Reject | TempFail | Discard | Skip
+#: The classes of FilterVerdict, for isinstance checks.
+FILTER_VERDICTS = (Continue, Accept, Reject, TempFail, Discard, Skip)
+#: What a callback may return: a verdict, None (continue), a Deferred of one, or a coroutine.
+Result: TypeAlias = (
+    FilterVerdict | Deferred[FilterVerdict | None] | Coroutine[Any, Any, FilterVerdict | None] | None
+)
+
+
+def _check_header_name(name: str) -> None:
+    if not name or any(not 33 <= ord(c) <= 126 or c == ":" for c in name):
+        raise LocalProtocolError(f"header name {name!r} must be printable ASCII without spaces or ':'")
+
+
+def _check_header_value(value: str) -> None:
+    encode_text(value, "header value")
+    if "\r" in value:
+        raise LocalProtocolError(f"header value {value!r} contains CR; fold lines with LF and a space")
+
+
+class Changes:
+    """Records one filter's end-of-message changes, in the order made.
+
+    Each method checks at the call that the filter declared the action it
+    needs; nothing reaches the wire until the chain applies the changes.
+    """
+
+    def __init__(
+        self,
+        actions: Action,
+        *,
+        add_space: bool = False,
+        on_progress: Callable[[], None] | None = None,
+    ) -> None:
+        self.actions = actions
+        self._add_space = add_space
+        self._on_progress = on_progress
+        #: Header and recipient changes, in call order.
+        self.edits: list[Modification] = []
+        #: The new envelope sender, if changed.
+        self.sender: ChangeFrom | None = None
+        #: The replacement body, if replaced.
+        self.body: bytes | None = None
+        #: The quarantine reason, if quarantined.
+        self.quarantine_reason: str | None = None
+
+    def _require(self, action: Action, call: str) -> None:
+        if not self.actions & action:
+            raise LocalProtocolError(f"{call}() needs Action.{action.name} in the filter's actions")
+
+    def _value(self, value: str) -> str:
+        _check_header_value(value)
+        return add_leading_space(value) if self._add_space and value else value
+
+    def add_header(self, name: str, value: str) -> None:
+        """Append a header to the message."""
+        self._require(Action.ADD_HEADERS, "add_header")
+        _check_header_name(name)
+        self.edits.append(AddHeader(name, self._value(value)))
+
+    def insert_header(self, index: int, name: str, value: str) -> None:
+        """Insert a header at a 0-based position; 0 is the very top."""
+        self._require(Action.ADD_HEADERS, "insert_header")
+        _check_header_name(name)
+        if index < 0:
+            raise LocalProtocolError(f"insert_header index {index} must be 0 or more")
+        self.edits.append(InsertHeader(index, name, self._value(value)))
+
+    def change_header(self, name: str, value: str, index: int = 1) -> None:
+        """Replace the index-th (1-based) header called ``name``; an empty value deletes it."""
+        self._require(Action.CHANGE_HEADERS, "change_header")
+        _check_header_name(name)
+        if index < 1:
+            raise LocalProtocolError(f"change_header index {index} must be 1 or more")
+        self.edits.append(ChangeHeader(index, name, self._value(value)))
+
+    def delete_header(self, name: str, index: int = 1) -> None:
+        """Delete the index-th (1-based) header called ``name``."""
+        self.change_header(name, "", index)
+
+    def add_recipient(self, address: str, args: Sequence[str] | None = None) -> None:
+        """Add an envelope recipient, with ESMTP arguments if given."""
+        action = Action.ADD_RECIPIENTS if args is None else Action.ADD_RECIPIENTS_WITH_ARGS
+        self._require(action, "add_recipient")
+        encode_text(address, "recipient")
+        self.edits.append(AddRecipient(address, None if args is None else _esmtp_args(args)))
+
+    def delete_recipient(self, address: str) -> None:
+        """Remove a recipient, spelled exactly as the MTA sent it."""
+        self._require(Action.DELETE_RECIPIENTS, "delete_recipient")
+        encode_text(address, "recipient")
+        self.edits.append(DeleteRecipient(address))
+
+    def change_from(self, address: str, args: Sequence[str] | None = None) -> None:
+        """Replace the envelope sender, with ESMTP arguments if given."""
+        self._require(Action.CHANGE_FROM, "change_from")
+        encode_text(address, "sender")
+        self.sender = ChangeFrom(address, None if args is None else _esmtp_args(args))
+
+    def replace_body(self, body: bytes) -> None:
+        """Replace the whole body (CRLF line ends); a later call replaces an earlier one."""
+        self._require(Action.CHANGE_BODY, "replace_body")
+        self.body = bytes(body)
+
+    def quarantine(self, reason: str) -> None:
+        """Put the message on hold; the final verdict still decides what else happens."""
+        self._require(Action.QUARANTINE, "quarantine")
+        if not reason:
+            raise LocalProtocolError("quarantine() needs a non-empty reason")
+        encode_text(reason, "quarantine reason")
+        self.quarantine_reason = reason
+
+    def progress(self) -> None:
+        """Tell the MTA the filter is still working (restarts its read timer)."""
+        if self._on_progress is not None:
+            self._on_progress()
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing was changed."""
+        return not self.edits and self.sender is None and self.body is None and self.quarantine_reason is None
+
+
+def _esmtp_args(args: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(args, str):
+        raise LocalProtocolError(f"ESMTP arguments must be a sequence of strings, not the string {args!r}")
+    for arg in args:
+        if not arg or " " in arg:
+            raise LocalProtocolError(f"ESMTP argument {arg!r} must be non-empty and without spaces")
+        encode_text(arg, "ESMTP argument")
+    return tuple(args)
+
+
+@implementer(IMilter)
+class Milter:
+    """Base class for filters: every callback continues; override what you need.
+
+    Declare what the filter needs as class attributes. The events a filter
+    receives follow from the callbacks it overrides, so a filter that only
+    reads headers costs the MTA no round trip for anything else.
+    """
+
+    #: Modifications this filter may make at end of message.
+    actions: ClassVar[Action] = Action.NONE
+    #: Macro names this filter needs, per stage.
+    macro_requests: ClassVar[Mapping[MacroStage, Sequence[str]]] = {}
+    #: See header values exactly as sent (leading space kept); give values with their space.
+    leading_space: ClassVar[bool] = False
+    #: Also see recipients the MTA already rejected.
+    rejected_recipients: ClassVar[bool] = False
+    #: Callbacks that only observe (always continue); the MTA then waits for no reply.
+    no_reply: ClassVar[frozenset[str]] = frozenset()
+
+    #: Macro values visible at the current callback (set by the chain).
+    macros: MacroView = EMPTY_MACROS
+
+    def connect(self, command: Connect) -> Result:
+        """Judge the SMTP client's connection."""
+        return None
+
+    def helo(self, command: Helo) -> Result:
+        """Judge the HELO/EHLO name."""
+        return None
+
+    def mail_from(self, command: MailFrom) -> Result:
+        """Judge the envelope sender; a new message begins."""
+        return None
+
+    def rcpt_to(self, command: RcptTo) -> Result:
+        """Judge one recipient; a refusal refuses only this recipient."""
+        return None
+
+    def data(self, command: Data) -> Result:
+        """Judge the DATA command."""
+        return None
+
+    def header(self, command: Header) -> Result:
+        """Judge one header."""
+        return None
+
+    def end_of_headers(self, command: EndOfHeaders) -> Result:
+        """Judge the message once all headers are in."""
+        return None
+
+    def body(self, command: BodyChunk) -> Result:
+        """Judge one body chunk; Skip asks for no more."""
+        return None
+
+    def end_of_message(self, changes: Changes) -> Result:
+        """Give the final verdict; record changes on ``changes``."""
+        return None
+
+    def unknown(self, command: Unknown) -> Result:
+        """Judge an unrecognised SMTP command."""
+        return None
+
+    def abort(self) -> Result:
+        """Forget the current message."""
+        return None
+
+    def close(self) -> Result:
+        """The SMTP session is over."""
+        return None
+
+
+#: Callback name for each command a filter can receive.
+CALLBACKS: Mapping[type, str] = {
+    Connect: "connect",
+    Helo: "helo",
+    MailFrom: "mail_from",
+    RcptTo: "rcpt_to",
+    Data: "data",
+    Header: "header",
+    EndOfHeaders: "end_of_headers",
+    BodyChunk: "body",
+    Unknown: "unknown",
+}
+
+
+def overrides(milter: object, callback: str) -> bool:
+    """Whether ``milter`` implements ``callback`` itself (always true for non-Milter providers)."""
+    if not isinstance(milter, Milter):
+        return True
+    return getattr(type(milter), callback, None) is not getattr(Milter, callback)

@@ -1,0 +1,215 @@
+"""Socket glue: one MilterProtocol per MTA connection, made by a MilterFactory."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from txmilt.chain import Chain, ChainObserver, FilterSpec, verify_filters
+from txmilt.codec import DEFAULT_FRAME_LIMIT
+from txmilt.errors import NegotiationError, RemoteProtocolError
+from txmilt.interfaces import IMilter
+from txmilt.messages import Negotiate, Progress, Quit, QuitNoClose, Response
+from txmilt.session import NEED_DATA, Disconnected, MilterSession
+
+#: Seconds a connection may stay silent between commands before it is closed.
+DEFAULT_IDLE_TIMEOUT = 3600.0
+#: Connections served at once before new ones are refused.
+DEFAULT_MAX_CONNECTIONS = 2000
+
+
+class MilterProtocol(Protocol):
+    """Frames MTA packets, runs them through the chain in order, writes each reply batch at once."""
+
+    log = Logger()
+
+    def __init__(self, factory: MilterFactory, connection_id: str) -> None:
+        self.factory = factory
+        self.connection_id = connection_id
+        self.session = MilterSession(factory.frame_limit)
+        self.chain = Chain(
+            factory.filters,
+            factory.clock,
+            connection_id=connection_id,
+            progress_interval=factory.progress_interval,
+            send_progress=self._send_progress,
+            observer=factory.observer,
+        )
+        self._busy = False
+        self._finished = False
+        self._idle_call: IDelayedCall | None = None
+
+    @override
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+        self.factory.connections.add(self)
+        peer = self.transport.getPeer() if self.transport is not None else None
+        self.log.debug("[{conn}] connection from {peer}", conn=self.connection_id, peer=peer)
+        self._restart_idle_timer()
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        self.session.receive_data(data)
+        if not self._busy:
+            self._restart_idle_timer()
+            self._pump()
+
+    @override
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connections.discard(self)
+        self._cancel_idle_timer()
+        if not self._finished:
+            self._finished = True
+            self.chain.connection_lost(self.session.in_transaction)
+        self.log.debug("[{conn}] connection closed", conn=self.connection_id)
+
+    # -- the command loop
+
+    def _pump(self) -> None:
+        """Process whole commands until one has to wait for a filter or bytes run out."""
+        try:
+            while not self._busy and not self._finished:
+                event = self.session.next_event()
+                if event is NEED_DATA:
+                    return
+                if isinstance(event, Negotiate):
+                    self._negotiate(event)
+                    continue
+                outcome = self.chain.handle(event, self.session.macros)
+                if isinstance(outcome, Deferred):
+                    self._busy = True
+                    self._cancel_idle_timer()
+                    outcome.addCallbacks(self._resume, self._crashed, callbackArgs=(event,))
+                    return
+                self._answer(outcome, event)
+        except RemoteProtocolError as e:
+            self._drop("protocol error from the MTA: {error}", error=str(e))
+        except Exception:
+            self._crashed(Failure())
+
+    def _negotiate(self, offer: Negotiate) -> None:
+        try:
+            reply = self.chain.negotiate(offer)
+        except NegotiationError as e:
+            self._drop("negotiation failed: {error}", error=str(e))
+            return
+        self.transport.write(self.session.send(reply))  # type: ignore[union-attr]
+
+    def _answer(self, responses: Sequence[Response], event: object) -> None:
+        if self.session.reply_due:
+            send = self.session.send
+            self.transport.write(b"".join([send(response) for response in responses]))  # type: ignore[union-attr]
+        if isinstance(event, Quit | Disconnected):
+            self._finished = True
+            self.transport.loseConnection()  # type: ignore[union-attr]
+        elif isinstance(event, QuitNoClose):
+            self.log.debug("[{conn}] new SMTP session on this connection", conn=self.connection_id)
+
+    def _resume(self, responses: Sequence[Response], event: object) -> None:
+        self._busy = False
+        if self._finished:
+            return
+        try:
+            self._answer(responses, event)
+        except Exception:
+            self._crashed(Failure())
+            return
+        self._restart_idle_timer()
+        self._pump()
+
+    def _crashed(self, failure: Failure) -> None:
+        self._busy = False
+        if failure.check(RemoteProtocolError):
+            self._drop("protocol error from the MTA: {error}", error=str(failure.value))
+            return
+        self.log.failure("[{conn}] internal error; closing the connection", failure=failure, conn=self.connection_id)
+        self._close()
+
+    def _drop(self, format: str, **fields: Any) -> None:
+        self.log.error("[{conn}] " + format + "; closing the connection", conn=self.connection_id, **fields)
+        self._close()
+
+    def _close(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self.chain.connection_lost(self.session.in_transaction)
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _send_progress(self) -> None:
+        if self.session.reply_due and not self._finished:
+            self.transport.write(self.session.send(Progress()))  # type: ignore[union-attr]
+
+    # -- idle timeout
+
+    def _restart_idle_timer(self) -> None:
+        timeout = self.factory.idle_timeout
+        if not timeout:
+            return
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.factory.clock.callLater(timeout, self._idle)
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle(self) -> None:
+        self._idle_call = None
+        self.log.warn(
+            "[{conn}] idle for {timeout}s in stage {stage}; closing the connection",
+            conn=self.connection_id, timeout=self.factory.idle_timeout, stage=self.session.stage.value,
+        )
+        self._close()
+
+
+class MilterFactory(Factory):
+    """Makes one MilterProtocol, with fresh filter instances, per MTA connection."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        filters: Sequence[FilterSpec | Callable[[], IMilter]],
+        clock: IReactorTime | None = None,
+        *,
+        frame_limit: int = DEFAULT_FRAME_LIMIT,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        progress_interval: float = 10.0,
+        observer: ChainObserver | None = None,
+    ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = reactor
+        self.filters = verify_filters(filters)
+        self.clock: IReactorTime = clock
+        self.frame_limit = frame_limit
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self.progress_interval = progress_interval
+        self.observer = observer
+        self.connections: set[MilterProtocol] = set()
+        self._ids = itertools.count(1)
+
+    @override
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        if len(self.connections) >= self.max_connections:
+            self.log.error(
+                "refusing connection from {addr}: {count} connections open (limit {limit})",
+                addr=addr, count=len(self.connections), limit=self.max_connections,
+            )
+            return None
+        return MilterProtocol(self, f"c{next(self._ids)}")
