@@ -1,0 +1,3 @@
+from twisted.application.service import ServiceMaker
+
+txmilt = ServiceMaker("txmilt", "txmilt.tap", "Run a chain of mail filters (milters).", "milter")

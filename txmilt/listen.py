@@ -1,0 +1,119 @@
+"""Listen addresses: libmilter/Postfix socket specs as Twisted strports, and unix socket hygiene."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import socket
+import stat
+
+from txmilt.errors import ConfigurationError
+
+#: Mode given to unix sockets whose description sets none (never world-writable).
+DEFAULT_SOCKET_MODE = "660"
+
+_INET_AT = re.compile(r"(?P<port>\d+)(?:@(?P<host>.+))?")
+_INET_COLON = re.compile(r"(?P<host>[^:]+):(?P<port>\d+)")
+_STRPORTS_KINDS = ("tcp", "tcp6", "unix", "systemd", "ssl", "tls")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
+
+
+def _port(text: str, spec: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"listen address {spec!r}: port {port} is out of range")
+    return port
+
+
+def to_strports(spec: str) -> str:
+    """A Twisted strports description for ``spec``, which may also be a libmilter-style address.
+
+    ``inet:8891@127.0.0.1``, ``inet:127.0.0.1:8891``, ``inet6:8891@[::1]``,
+    ``local:/path`` and ``unix:/path`` are accepted besides strports
+    (``tcp:8891:interface=127.0.0.1``, ``unix:/path:mode=660``, ``systemd:...``).
+    Unix sockets get mode 660 unless the description sets one.
+    """
+    kind, sep, rest = spec.partition(":")
+    kind = kind.lower()
+    if not sep or not rest:
+        raise ConfigurationError(
+            f"listen address {spec!r} is not understood; use e.g. tcp:8891:interface=127.0.0.1,"
+            " inet:8891@127.0.0.1 or unix:/run/txmilt/txmilt.sock"
+        )
+    if kind in ("inet", "inet6"):
+        family = "tcp6" if kind == "inet6" else "tcp"
+        match = _INET_AT.fullmatch(rest)
+        if match is not None:
+            host = match["host"]
+            port = _port(match["port"], spec)
+        elif (match := _INET_COLON.fullmatch(rest)) is not None and kind == "inet":
+            host, port = match["host"], _port(match["port"], spec)
+        else:
+            raise ConfigurationError(f"listen address {spec!r}: expected {kind}:PORT@HOST or inet:HOST:PORT")
+        if host and host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if family == "tcp6" and not host:
+            host = "::"
+        interface = f":interface={_escape(host)}" if host else ""
+        return f"{family}:{port}{interface}"
+    if kind in ("local", "unix"):
+        description = f"unix:{rest}"
+        path = _unix_path(description)
+        if not os.path.isabs(path):
+            raise ConfigurationError(f"listen address {spec!r}: the socket path must be absolute")
+        if not re.search(r"(?<!\\):mode=", rest):
+            description += f":mode={DEFAULT_SOCKET_MODE}"
+        return description
+    if kind in _STRPORTS_KINDS:
+        return spec
+    raise ConfigurationError(
+        f"listen address {spec!r}: unknown kind {kind!r}; use tcp, tcp6, unix, systemd, inet, inet6 or local"
+    )
+
+
+def _unix_path(description: str) -> str:
+    """The path of a ``unix:`` strports description (before any option)."""
+    body = description[len("unix:"):]
+    parts = re.split(r"(?<!\\):", body)
+    path = parts[0]
+    if path.startswith("address="):
+        path = path[len("address="):]
+    return path.replace("\\:", ":").replace("\\\\", "\\")
+
+
+def unix_socket_path(description: str) -> str | None:
+    """The socket path a strports description listens on, or None for other kinds."""
+    if description.lower().startswith("unix:"):
+        return _unix_path(description)
+    return None
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove a unix socket nobody listens on; True if one was removed.
+
+    Refuses (ConfigurationError) to remove anything that is not a socket, or a
+    socket another process still answers on.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(mode):
+        raise ConfigurationError(f"{path} exists and is not a socket; refusing to remove it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigurationError(f"cannot check socket {path}: {e}") from e
+    else:
+        raise ConfigurationError(f"{path} is in use by another process; stop it or choose another path")
+    finally:
+        probe.close()
+    os.unlink(path)
+    return True
