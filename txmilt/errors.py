@@ -41,3 +41,7 @@ class LocalProtocolError(ProtocolError):
 
 class InvalidReplyError(LocalProtocolError):
     """An SMTP reply (code, enhanced status, text) that the MTA would refuse."""
+
+
+class MilterUnavailableError(MilterError):
+    """A milter cannot be reached, closed the connection, or was dropped; its pending commands fail."""
