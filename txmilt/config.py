@@ -13,7 +13,7 @@ from txmilt.chain import FilterSpec, verify_filters
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
-from txmilt.listen import to_strports
+from txmilt.listen import check_strports, to_strports
 from txmilt.messages import Accept, Continue, Reject, TempFail
 from txmilt.milter import FilterVerdict
 from txmilt.protocol import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
@@ -47,7 +47,7 @@ class DaemonConfig:
 
 
 _DAEMON_KEYS = {
-    "listen": list,
+    "listen": (list, str),
     "metrics": str,
     "frame_limit": int,
     "idle_timeout": (int, float),
@@ -97,7 +97,8 @@ def _check_keys(table: Mapping[str, Any], known: Mapping[str, Any], where: str) 
             raise ConfigurationError(
                 f"{where}: unknown key {key!r}; known keys are {', '.join(sorted(known))}"
             )
-        if not isinstance(value, known[key]) or (known[key] is int and isinstance(value, bool)):
+        expected = known[key]
+        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
             raise ConfigurationError(f"{where}: {key} = {value!r} has the wrong type")
 
 
@@ -122,6 +123,8 @@ def filter_spec(
         )
     options = table.get("options", {})
     timeout = float(table.get("timeout", default_timeout))
+    if not timeout > 0:
+        raise ConfigurationError(f"{where}: timeout must be positive, not {timeout!r}")
     fallback = fallback_verdict(table.get("fallback", default_fallback), where)
     if "remote" in table:
         from txmilt.remote import remote_filter
@@ -138,8 +141,14 @@ def filter_spec(
     )
 
 
-def read_config(path: str) -> DaemonConfig:
-    """The configuration in a TOML file; ConfigurationError names the key at fault."""
+def read_config(
+    path: str, *, default_timeout: float | None = None, default_fallback: str | None = None
+) -> DaemonConfig:
+    """The configuration in a TOML file; ConfigurationError names the key at fault.
+
+    ``default_timeout`` and ``default_fallback`` (from the command line) take
+    the place of ``[daemon]``'s ``timeout`` and ``fallback``.
+    """
     try:
         with open(path, "rb") as file:
             data = tomllib.load(file)
@@ -147,11 +156,17 @@ def read_config(path: str) -> DaemonConfig:
         raise ConfigurationError(f"cannot read config file {path}: {e.strerror}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from e
-    return parse_config(data, path)
+    return parse_config(data, path, default_timeout=default_timeout, default_fallback=default_fallback)
 
 
-def parse_config(data: Mapping[str, Any], where: str = "config") -> DaemonConfig:
-    """The configuration a parsed TOML document describes."""
+def parse_config(
+    data: Mapping[str, Any],
+    where: str = "config",
+    *,
+    default_timeout: float | None = None,
+    default_fallback: str | None = None,
+) -> DaemonConfig:
+    """The configuration a parsed TOML document describes (it may name no filters; see check_config)."""
     unknown = set(data) - {"daemon", "filter"}
     if unknown:
         raise ConfigurationError(f"{where}: unknown table {sorted(unknown)[0]!r}; use [daemon] and [[filter]]")
@@ -159,20 +174,30 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> DaemonConfig
     if not isinstance(daemon, dict):
         raise ConfigurationError(f"{where}: [daemon] must be a table")
     _check_keys(daemon, _DAEMON_KEYS, f"{where} [daemon]")
-    default_timeout = float(daemon.get("timeout", 25.0))
-    default_fallback = daemon.get("fallback", "tempfail")
-    fallback_verdict(default_fallback, f"{where} [daemon]")
+    if default_timeout is None:
+        default_timeout = float(daemon.get("timeout", 25.0))
+        if not default_timeout > 0:
+            raise ConfigurationError(f"{where} [daemon]: timeout must be positive, not {default_timeout!r}")
+    if default_fallback is None:
+        default_fallback = daemon.get("fallback", "tempfail")
+        fallback_verdict(default_fallback, f"{where} [daemon]")
     tables = data.get("filter", [])
-    if not isinstance(tables, list):
+    if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
         raise ConfigurationError(f"{where}: filters are [[filter]] tables")
+    listen = daemon.get("listen", [])
+    if isinstance(listen, str):
+        listen = [listen]
+    if not all(isinstance(spec, str) for spec in listen):
+        raise ConfigurationError(f"{where} [daemon]: listen = {listen!r} must be a list of strings")
+    metrics = daemon.get("metrics")
     filters = tuple(
         filter_spec(table, f"{where} [[filter]] #{number}", default_timeout, default_fallback)
         for number, table in enumerate(tables, 1)
     )
     config = DaemonConfig(
-        listen=tuple(to_strports(spec) for spec in daemon.get("listen", [])),
+        listen=tuple(to_strports(spec) for spec in listen),
         filters=filters,
-        metrics=daemon.get("metrics"),
+        metrics=to_strports(metrics) if metrics else None,
         frame_limit=daemon.get("frame_limit", DEFAULT_FRAME_LIMIT),
         idle_timeout=float(daemon.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
         max_connections=daemon.get("max_connections", DEFAULT_MAX_CONNECTIONS),
@@ -182,19 +207,30 @@ def parse_config(data: Mapping[str, Any], where: str = "config") -> DaemonConfig
         default_timeout=default_timeout,
         default_fallback=default_fallback,
     )
-    return check_config(config)
+    return check_config(config, require_filters=False)
 
 
-def check_config(config: DaemonConfig) -> DaemonConfig:
-    """The config with defaults filled in; ConfigurationError for values out of range."""
+def check_config(config: DaemonConfig, *, require_filters: bool = True) -> DaemonConfig:
+    """The config with defaults filled in; ConfigurationError for values out of range.
+
+    Every filter is created once, and every listen description parsed, so that
+    mistakes show before anything listens.
+    """
     if not 0 < config.frame_limit <= ABSOLUTE_FRAME_LIMIT:
         raise ConfigurationError(f"frame_limit {config.frame_limit} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-    for name in ("idle_timeout", "drain_timeout", "progress_interval", "default_timeout"):
+    for name in ("idle_timeout", "drain_timeout"):
         if getattr(config, name) < 0:
-            raise ConfigurationError(f"{name} must not be negative")
+            raise ConfigurationError(f"{name} must not be negative, not {getattr(config, name)!r}")
+    for name in ("progress_interval", "default_timeout"):
+        if not getattr(config, name) > 0:
+            raise ConfigurationError(f"{name} must be positive, not {getattr(config, name)!r}")
     if config.max_connections < 1:
         raise ConfigurationError("max_connections must be at least 1")
-    if not config.filters:
+    fallback_verdict(config.default_fallback, "default_fallback")
+    if require_filters and not config.filters:
         raise ConfigurationError("no filters configured; give --filter module:Class or [[filter]] in the config file")
     verify_filters(config.filters)
-    return replace(config, listen=config.listen or (DEFAULT_LISTEN,))
+    listen = config.listen or (DEFAULT_LISTEN,)
+    for description in (*listen, *([config.metrics] if config.metrics else [])):
+        check_strports(description)
+    return replace(config, listen=listen)

@@ -69,7 +69,7 @@ def to_strports(spec: str) -> str:
             description += f":mode={DEFAULT_SOCKET_MODE}"
         return description
     if kind in _STRPORTS_KINDS:
-        return spec
+        return f"{kind}:{rest}"
     raise ConfigurationError(
         f"listen address {spec!r}: unknown kind {kind!r}; use tcp, tcp6, unix, systemd, inet, inet6 or local"
     )
@@ -92,10 +92,10 @@ def unix_socket_path(description: str) -> str | None:
     return None
 
 
-def remove_stale_socket(path: str) -> bool:
-    """Remove a unix socket nobody listens on; True if one was removed.
+def stale_socket(path: str) -> bool:
+    """Whether ``path`` is a unix socket nobody listens on (False if nothing is there).
 
-    Refuses (ConfigurationError) to remove anything that is not a socket, or a
+    Raises ConfigurationError for anything that is not a socket, and for a
     socket another process still answers on.
     """
     try:
@@ -115,5 +115,36 @@ def remove_stale_socket(path: str) -> bool:
         raise ConfigurationError(f"{path} is in use by another process; stop it or choose another path")
     finally:
         probe.close()
-    os.unlink(path)
     return True
+
+
+def remove_stale_socket(path: str) -> bool:
+    """Remove a unix socket nobody listens on; True if one was removed.
+
+    Refuses (ConfigurationError) to remove anything that is not a socket, or a
+    socket another process still answers on.
+    """
+    if not stale_socket(path):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def check_strports(description: str) -> None:
+    """ConfigurationError unless Twisted can make a server endpoint of ``description``.
+
+    Only parses; nothing listens.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, description)
+    except Exception as e:
+        if description.startswith("systemd:") and isinstance(e, IndexError | KeyError):
+            reason = "systemd passed no socket at that index (is the .socket unit active?)"
+        else:
+            reason = f"{type(e).__name__}: {e}"
+        raise ConfigurationError(f"listen address {description!r} cannot be used: {reason}") from e

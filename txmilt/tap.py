@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import grp
+import math
 import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from twisted.application import strports
+from twisted.application import app, strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -19,10 +22,37 @@ from typing_extensions import override
 
 from txmilt.config import DaemonConfig, check_config, fallback_verdict, filter_spec, read_config
 from txmilt.errors import ConfigurationError
-from txmilt.listen import remove_stale_socket, to_strports, unix_socket_path
+from txmilt.listen import remove_stale_socket, stale_socket, to_strports, unix_socket_path
 from txmilt.protocol import MilterFactory
 
 log = Logger()
+
+
+def _whole_number(option: str) -> Callable[[str], int]:
+    """A coercer for ``option`` whose error names the option."""
+
+    def coerce(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{option} takes a whole number, not {text!r}") from None
+
+    return coerce
+
+
+def _seconds(option: str) -> Callable[[str], float]:
+    """A coercer for ``option`` whose error names the option."""
+
+    def coerce(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if math.isnan(value):
+            raise ValueError(f"{option} takes a number of seconds, not {text!r}")
+        return value
+
+    return coerce
 
 
 class Options(usage.Options):
@@ -40,13 +70,17 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "TOML config file ([daemon] and [[filter]] tables)."],
         ["metrics", None, None, "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1)."],
-        ["frame-limit", None, None, "Largest packet payload accepted, in bytes (default 1048576).", int],
-        ["idle-timeout", None, None, "Close a connection silent this many seconds (default 3600).", float],
-        ["max-connections", None, None, "Refuse connections beyond this many (default 2000).", int],
-        ["drain-timeout", None, None, "On SIGTERM, wait this long for open connections (default 30).", float],
+        ["frame-limit", None, None, "Largest packet payload accepted, in bytes (default 1048576).",
+         _whole_number("--frame-limit")],
+        ["idle-timeout", None, None, "Close a connection silent this many seconds (default 3600).",
+         _seconds("--idle-timeout")],
+        ["max-connections", None, None, "Refuse connections beyond this many (default 2000).",
+         _whole_number("--max-connections")],
+        ["drain-timeout", None, None, "On SIGTERM, wait this long for open connections (default 30).",
+         _seconds("--drain-timeout")],
         ["progress-interval", None, None, "Seconds between keep-alives at a slow end of message (default 10).",
-         float],
-        ["timeout", None, None, "Default per-filter timeout in seconds (default 25).", float],
+         _seconds("--progress-interval")],
+        ["timeout", None, None, "Default per-filter timeout in seconds (default 25).", _seconds("--timeout")],
         ["fallback", None, None, "Default verdict for a failing filter: tempfail, accept, continue, reject."],
         ["socket-group", None, None, "Group owning unix sockets (their mode comes from the description)."],
     ]
@@ -73,6 +107,21 @@ class Options(usage.Options):
     opt_f = opt_filter
 
     @override
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        """Parse ``options``; under twistd, a usage error is one line on stderr and exit status 1.
+
+        twistd itself would print the whole help on stdout with the error last;
+        for a mistake in a config file that hides the one line that matters.
+        """
+        try:
+            usage.Options.parseOptions(self, options)
+        except usage.UsageError as e:
+            if not isinstance(getattr(self, "parent", None), app.ServerOptions):
+                raise
+            sys.stderr.write(f"twistd milter: {e}\n(twistd milter --help lists the options)\n")
+            raise SystemExit(1) from None
+
+    @override
     def postOptions(self) -> None:
         try:
             self.config = self._build()
@@ -80,10 +129,17 @@ class Options(usage.Options):
             raise usage.UsageError(str(e)) from None
 
     def _build(self) -> DaemonConfig:
-        config = read_config(self["config"]) if self["config"] else DaemonConfig()
+        if self["timeout"] is not None and not self["timeout"] > 0:
+            raise ConfigurationError(f"--timeout must be positive, not {self['timeout']!r}")
+        if self["fallback"] is not None:
+            fallback_verdict(self["fallback"], "--fallback")
+        config = (
+            read_config(self["config"], default_timeout=self["timeout"], default_fallback=self["fallback"])
+            if self["config"]
+            else DaemonConfig()
+        )
         timeout = self["timeout"] if self["timeout"] is not None else config.default_timeout
         fallback = self["fallback"] or config.default_fallback
-        fallback_verdict(fallback, "--fallback")
         extra = tuple(
             filter_spec({"class": path}, f"--filter {path}", timeout, fallback) for path in self["filter"]
         )
@@ -101,13 +157,17 @@ class Options(usage.Options):
         ):
             if self[option] is not None:
                 overrides[field_name] = self[option]
-        metrics = self["metrics"] or config.metrics
-        if metrics:
-            overrides["metrics"] = to_strports(metrics)
-        group = self["socket-group"] or config.socket_group
-        if group:
-            _group_id(group)
-        return check_config(replace(config, **overrides))
+        if self["metrics"]:
+            overrides["metrics"] = to_strports(self["metrics"])
+        config = check_config(replace(config, **overrides))
+        if config.socket_group:
+            _group_id(config.socket_group)
+        for description in config.listen:
+            path = unix_socket_path(description)
+            if path is not None:
+                _check_socket_directory(path)
+                stale_socket(path)
+        return config
 
 
 def _group_id(name: str) -> int:
@@ -115,6 +175,12 @@ def _group_id(name: str) -> int:
         return grp.getgrnam(name).gr_gid
     except KeyError:
         raise ConfigurationError(f"socket group {name!r} does not exist") from None
+
+
+def _check_socket_directory(path: str) -> None:
+    directory = os.path.dirname(path)
+    if directory and not os.path.isdir(directory):
+        raise ConfigurationError(f"directory {directory} for socket {path} does not exist")
 
 
 class DrainService(Service):
@@ -159,7 +225,11 @@ class DrainService(Service):
 
 
 class UnixSocketService(Service):
-    """Removes a stale unix socket before listening and sets its group afterwards."""
+    """Removes a stale unix socket before listening and sets its group afterwards.
+
+    Add it after the listener: the group is set in privilegedStartService,
+    right after the socket is made and before twistd drops privileges.
+    """
 
     def __init__(self, path: str, group: str | None) -> None:
         self.path = path
@@ -167,15 +237,13 @@ class UnixSocketService(Service):
 
     def prepare(self) -> None:
         """Clear a stale socket left by an earlier run (refusing anything that is not one)."""
+        _check_socket_directory(self.path)
         if remove_stale_socket(self.path):
             log.info("removed stale socket {path}", path=self.path)
-        directory = os.path.dirname(self.path)
-        if directory and not os.path.isdir(directory):
-            raise ConfigurationError(f"directory {directory} for socket {self.path} does not exist")
 
     @override
-    def startService(self) -> None:
-        Service.startService(self)
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
         if self.group and os.path.exists(self.path):
             os.chown(self.path, -1, _group_id(self.group))
 
