@@ -1,0 +1,986 @@
+r"""An in-memory MTA for testing filters, and a filter that records what it receives.
+
+``FakeMTA`` plays the MTA's side of one milter connection against a real
+``MilterProtocol`` over a ``StringTransport``, with a ``task.Clock`` for time::
+
+    mta = FakeMTA([MyFilter])
+    result = mta.message("<alice@example.com>", ["<bob@example.net>"], [("Subject", "Hi")], b"Hi\r\n")
+    assert result.delivered and ("X-Checked", "yes") in result.headers
+
+Step methods (``connect``, ``helo``, ``mail_from`` ... ``quit``) send one
+command each, preceded by the macro packet the chosen MTA profile would send,
+and return what the milter answered to it. ``message`` runs a whole message
+like the MTA would, stops where the MTA would, and applies the end-of-message
+changes to a model of the message.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransportWithDisconnection
+
+from txmilt.chain import FilterSpec
+from txmilt.errors import ConfigurationError, LocalProtocolError
+from txmilt.interfaces import IMilter
+from txmilt.messages import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL,
+    MAX_BODY_CHUNK,
+    Abort,
+    Accept,
+    Action,
+    AddHeader,
+    AddRecipient,
+    BodyChunk,
+    ChangeFrom,
+    ChangeHeader,
+    Command,
+    Connect,
+    Continue,
+    Data,
+    DeleteRecipient,
+    Discard,
+    EndOfHeaders,
+    EndOfMessage,
+    Family,
+    Header,
+    Helo,
+    InsertHeader,
+    Macros,
+    MacroStage,
+    MailFrom,
+    Modification,
+    Negotiate,
+    NegotiateReply,
+    Progress,
+    ProtocolFlag,
+    Quarantine,
+    Quit,
+    RcptTo,
+    Reject,
+    ReplaceBody,
+    Response,
+    Shutdown,
+    Skip,
+    TempFail,
+    Unknown,
+    Verdict,
+    required_action,
+    strip_leading_space,
+)
+from txmilt.milter import Changes, FilterVerdict, Milter, Result
+from txmilt.protocol import MilterFactory, MilterProtocol
+from txmilt.session import NEED_DATA, Disconnected, MTASession
+
+__all__ = [
+    "POSTFIX",
+    "SENDMAIL",
+    "Call",
+    "FakeMTA",
+    "MTAProfile",
+    "MessageResult",
+    "RecordingMilter",
+    "Step",
+    "VerdictRule",
+]
+
+# ------------------------------------------------------------------ profiles
+
+
+@dataclass(frozen=True)
+class MTAProfile:
+    """How one MTA talks to milters: what it offers, which macros it sends and when.
+
+    Build variants with ``dataclasses.replace(POSTFIX, ...)``. Macro names in
+    ``macro_names`` are spelled as the MTA sends them (``j``, ``{daemon_name}``);
+    keys of ``macro_values`` are names without braces.
+    """
+
+    #: A label for messages and reprs.
+    name: str
+    #: The OPTNEG offer.
+    offer: Negotiate
+    #: Macro names sent before each stage's command unless the milter asked for others.
+    macro_names: Mapping[MacroStage, tuple[str, ...]]
+    #: Values of the macros that do not depend on the session (names without braces).
+    macro_values: Mapping[str, str]
+    #: Macro names sent before UNKNOWN, or None to send no macro packet there.
+    unknown_macro_names: tuple[str, ...] | None = None
+    #: Send a macro packet before every command that has one, even for an empty list (Postfix).
+    always_send_macros: bool = False
+    #: An empty list in the milter's OPTNEG reply means "use the default list" (Postfix), not "none".
+    empty_request_means_default: bool = False
+    #: Send ABORT after every finished message (Postfix).
+    abort_after_message: bool = False
+    #: Send ``D L`` (EOH list) before every header and ``D B`` (EOM list) before every body chunk (Postfix).
+    macros_before_every_header_and_chunk: bool = False
+    #: The queue id macro ``i`` has a value only from the first RCPT of a message on (Postfix).
+    queue_id_from_rcpt: bool = False
+    #: Close the milter socket without QUIT after a non-continue verdict at CONNECT or HELO (Postfix).
+    drop_after_connection_verdict: bool = False
+    #: Largest BODY packet the MTA sends.
+    body_chunk_size: int = MAX_BODY_CHUNK
+
+
+_TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
+
+#: Postfix 3.x with its default ``milter_*_macros`` (PROTOCOL.md §6).
+POSTFIX = MTAProfile(
+    name="Postfix",
+    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
+    macro_names=types.MappingProxyType({
+        MacroStage.CONNECT: ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
+        MacroStage.HELO: _TLS_MACROS,
+        MacroStage.MAIL: ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}", "{mail_host}",
+                          "{mail_mailer}"),
+        MacroStage.RCPT: ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
+        MacroStage.DATA: ("i",),
+        MacroStage.END_OF_HEADERS: ("i",),
+        MacroStage.END_OF_MESSAGE: ("i",),
+    }),
+    macro_values=types.MappingProxyType({
+        "j": "mx.example.net",
+        "daemon_name": "mx.example.net",
+        "daemon_addr": "192.0.2.1",
+        "v": "Postfix 3.7.11",
+        "i": "4XkZ1T0abcz",
+        "mail_mailer": "smtp",
+        "rcpt_mailer": "smtp",
+    }),
+    unknown_macro_names=(),
+    always_send_macros=True,
+    empty_request_means_default=True,
+    abort_after_message=True,
+    macros_before_every_header_and_chunk=True,
+    queue_id_from_rcpt=True,
+    drop_after_connection_verdict=True,
+)
+
+#: Sendmail 8.14-8.18 with the default ``confMILTER_MACROS_*`` of cf/m4/cfhead.m4 (PROTOCOL.md §6).
+SENDMAIL = MTAProfile(
+    name="Sendmail",
+    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
+    macro_names=types.MappingProxyType({
+        MacroStage.CONNECT: ("j", "_", "{daemon_name}", "{if_name}", "{if_addr}"),
+        MacroStage.HELO: _TLS_MACROS,
+        MacroStage.MAIL: ("i", "{auth_type}", "{auth_authen}", "{auth_ssf}", "{auth_author}", "{mail_mailer}",
+                          "{mail_host}", "{mail_addr}"),
+        MacroStage.RCPT: ("{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}"),
+        MacroStage.END_OF_MESSAGE: ("{msg_id}",),
+    }),
+    macro_values=types.MappingProxyType({
+        "j": "mx.example.net",
+        "daemon_name": "MTA",
+        "if_name": "mx.example.net",
+        "if_addr": "192.0.2.1",
+        "i": "5A1BcDeF012345",
+        "msg_id": "<202401011200.5A1BcDeF012345@mx.example.net>",
+        "mail_mailer": "esmtp",
+        "rcpt_mailer": "esmtp",
+    }),
+)
+
+# Stage whose macro list goes before each command letter.
+_MACRO_STAGE: Mapping[str, MacroStage] = {
+    "C": MacroStage.CONNECT,
+    "H": MacroStage.HELO,
+    "M": MacroStage.MAIL,
+    "R": MacroStage.RCPT,
+    "T": MacroStage.DATA,
+    "N": MacroStage.END_OF_HEADERS,
+    "E": MacroStage.END_OF_MESSAGE,
+}
+# Postfix also sends the EOH list before each header and the EOM list before each body chunk.
+_PER_ITEM_STAGE: Mapping[str, MacroStage] = {"L": MacroStage.END_OF_HEADERS, "B": MacroStage.END_OF_MESSAGE}
+
+_FINAL = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
+_MODIFICATIONS = (
+    AddHeader, InsertHeader, ChangeHeader, ChangeFrom, AddRecipient, DeleteRecipient, ReplaceBody, Quarantine,
+)
+
+
+def _bare_name(name: str) -> str:
+    return name[1:-1] if name.startswith("{") and name.endswith("}") else name
+
+
+def _bare_address(address: str) -> str:
+    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
+
+
+def _domain(address: str) -> str:
+    return _bare_address(address).rpartition("@")[2]
+
+
+# ------------------------------------------------------------------- results
+
+
+@dataclass
+class Step:
+    """One command the FakeMTA handled and the responses the milter sent for it."""
+
+    #: The command.
+    command: Command
+    #: Everything the milter sent in answer, in order (modifications, progress, the final verdict).
+    responses: list[Response] = field(default_factory=list)
+    #: False if the milter switched this command off with a NO flag, so it was not sent.
+    sent: bool = True
+    #: The macro packet sent before the command, if any.
+    macros: Macros | None = None
+
+    @property
+    def verdict(self) -> Verdict | None:
+        """The final response, or None if none (yet, or because no reply was due)."""
+        for response in reversed(self.responses):
+            if isinstance(response, _FINAL):
+                return response
+        return None
+
+
+@dataclass
+class MessageResult:
+    """What happened to one message sent with ``FakeMTA.message``, and the message after the milter's changes.
+
+    Header values are stored as the MTA would store them, without the one
+    space after the colon: ``("Subject", "Hello")`` stands for ``Subject: Hello``.
+    Changes are applied only when the message was delivered.
+    """
+
+    #: The response that decided the message (Continue or Accept at end of message means delivered);
+    #: None if the milter closed the connection without deciding.
+    verdict: Verdict | None
+    #: Every command sent for this message, with its responses: OPTNEG, CONNECT and HELO if they were
+    #: sent for it, ABORT at the end, and commands the milter switched off (``sent`` False).
+    steps: list[Step]
+    #: The modification packets received at end of message, in order.
+    modifications: list[Modification]
+    #: The headers after the changes, as (name, value).
+    headers: list[tuple[str, str]]
+    #: The envelope sender after the changes.
+    sender: str
+    #: The sender's ESMTP arguments after the changes.
+    sender_args: tuple[str, ...]
+    #: Recipients accepted and added, with their ESMTP arguments, after the changes.
+    recipients: list[tuple[str, tuple[str, ...]]]
+    #: The body after the changes.
+    body: bytes
+    #: Recipients refused at RCPT, with the refusal.
+    refused_recipients: list[tuple[str, Verdict]] = field(default_factory=list)
+    #: The quarantine reason, if the milter quarantined the message.
+    quarantined: str | None = None
+    #: PROGRESS packets received while the message was processed.
+    progress_count: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        """Whether the MTA would accept the message for delivery."""
+        return isinstance(self.verdict, Continue | Accept)
+
+    def responses(self, command: type[Command]) -> list[Response]:
+        """All responses to commands of this type, in order."""
+        return [r for step in self.steps if isinstance(step.command, command) for r in step.responses]
+
+
+# ------------------------------------------------------------------ the MTA
+
+
+FilterMember: TypeAlias = "FilterSpec | Callable[[], IMilter] | IMilter"
+
+
+class FakeMTA:
+    """An MTA in memory, talking to one ``MilterProtocol`` through a ``StringTransport``.
+
+    ``milter`` is a ``MilterFactory`` or a sequence of filters (Milter
+    subclasses, factories, ``FilterSpec`` or ready filter instances, which then
+    serve this connection). Time passes only when ``clock`` is advanced; when
+    a factory is given, it must have been built with that clock (by default
+    the factory's own ``Clock`` is used).
+
+    Negotiation happens with the first step. Each step returns the responses
+    that arrived for it; responses a pending filter owes show up after
+    ``clock.advance(...)`` and ``collect()``.
+    """
+
+    def __init__(
+        self,
+        milter: MilterFactory | Sequence[FilterMember],
+        *,
+        clock: Clock | None = None,
+        profile: MTAProfile = POSTFIX,
+        offer: Negotiate | None = None,
+        macros: Mapping[str, str | None] | None = None,
+        transport: StringTransportWithDisconnection | None = None,
+    ) -> None:
+        if isinstance(milter, MilterFactory):
+            if clock is None:
+                if not isinstance(milter.clock, Clock):
+                    raise ConfigurationError(
+                        "FakeMTA needs a factory built with a twisted.internet.task.Clock, or pass clock="
+                    )
+                clock = milter.clock
+            factory = milter
+        else:
+            clock = Clock() if clock is None else clock
+            factory = MilterFactory([_as_member(member) for member in milter], clock)
+        #: The clock the milter's timeouts run on.
+        self.clock: Clock = clock
+        #: The factory that built the protocol.
+        self.factory = factory
+        #: The MTA profile in use.
+        self.profile = profile
+        #: The OPTNEG offer sent.
+        self.offer = profile.offer if offer is None else offer
+        #: Macro values overriding the profile's and the session's (keys without braces; None unsets).
+        self.macros: dict[str, str | None] = {_bare_name(k): v for k, v in (macros or {}).items()}
+        peer = IPv4Address("TCP", "127.0.0.1", 40025)
+        protocol = factory.buildProtocol(peer)
+        if protocol is None:
+            raise ConnectionRefusedError(f"{factory!r} refused the connection (connection limit reached)")
+        assert isinstance(protocol, MilterProtocol)
+        #: The milter's protocol instance.
+        self.protocol: MilterProtocol = protocol
+        #: The transport between the MTA and the protocol; ``value()`` holds everything the milter wrote.
+        self.transport = transport if transport is not None else StringTransportWithDisconnection(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 8891), peerAddress=peer
+        )
+        #: The MTA's side of the protocol state.
+        self.session = MTASession()
+        #: Every response received, in order.
+        self.replies: list[Response] = []
+        #: Every command sent (macro packets included), in order.
+        self.commands: list[Command] = []
+        #: Every command handled by a step, with its responses.
+        self.steps: list[Step] = []
+        #: Commands not sent because the milter switched them off with a NO flag.
+        self.skipped: list[Command] = []
+        #: False once the connection is closed, by either side.
+        self.connected = True
+        self._sent = bytearray()
+        self._read = 0
+        self._reply_step: Step | None = None
+        self._session_values: dict[str, str] = {}
+        self._rcpt_seen = False
+        self._connected_smtp = False
+        self._helo_done = False
+        self._connection_verdict: Verdict | None = None
+        self.transport.protocol = protocol
+        protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
+
+    def __repr__(self) -> str:
+        return f"<FakeMTA {self.profile.name} {self.protocol.connection_id} connected={self.connected}>"
+
+    # -- state
+
+    @property
+    def sent(self) -> bytes:
+        """Every byte sent to the milter."""
+        return bytes(self._sent)
+
+    @property
+    def negotiated(self) -> NegotiateReply | None:
+        """The milter's OPTNEG reply, once received."""
+        return self.session.negotiated
+
+    @property
+    def leading_space(self) -> bool:
+        """Whether header values travel with their leading space (HEADER_LEADING_SPACE negotiated)."""
+        return bool(self.session.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
+
+    # -- the wire
+
+    def send_raw(self, data: bytes) -> list[Response]:
+        """Feed bytes to the milter as they are; the responses that arrived."""
+        self._require_connection()
+        self._sent += data
+        self.protocol.dataReceived(data)
+        return self.collect()
+
+    def collect(self) -> list[Response]:
+        """Read what the milter wrote since the last read; the new responses (after ``clock.advance``)."""
+        data = self.transport.value()
+        if len(data) > self._read:
+            self.session.receive_data(data[self._read:])
+            self._read = len(data)
+        closed = not self.transport.connected
+        if closed:
+            self.session.receive_data(b"")
+        new: list[Response] = []
+        while True:
+            event = self.session.next_event()
+            if event is NEED_DATA or isinstance(event, Disconnected):
+                break
+            new.append(event)
+        if closed:
+            self.connected = False
+        self.replies.extend(new)
+        if self._reply_step is not None:
+            self._reply_step.responses.extend(new)
+            if not self.session.reply_due:
+                self._reply_step = None
+        return new
+
+    def _require_connection(self) -> None:
+        if not self.connected:
+            raise LocalProtocolError(f"{self!r}: the connection is closed")
+
+    def _send(self, *commands: Command) -> bytes:
+        data = b"".join(self.session.send(command) for command in commands)
+        self.commands.extend(commands)
+        return data
+
+    def _step(self, command: Command) -> Step:
+        """Send ``command`` with its macro packet; the step, with the responses that arrived."""
+        self._require_connection()
+        if not isinstance(command, Negotiate) and self.session.negotiated is None:
+            self.negotiate()
+            self._require_connection()
+        saved = dict(self._session_values), self._rcpt_seen
+        self._track(command)
+        macros = self._macro_packet(command)
+        wanted = self.session.wants(type(command))
+        try:
+            data = self._send(*(p for p in (macros, command if wanted else None) if p is not None))
+        except LocalProtocolError:
+            self._session_values, self._rcpt_seen = saved
+            raise
+        step = Step(command, sent=wanted, macros=macros)
+        self.steps.append(step)
+        if wanted:
+            self._reply_step = step if self.session.reply_due else None
+        else:
+            self.skipped.append(command)
+        if data:
+            self._sent += data
+            self.protocol.dataReceived(data)
+        self.collect()
+        return step
+
+    # -- macros
+
+    def _track(self, command: Command) -> None:
+        """Update the session-dependent macro values for ``command``."""
+        values = self._session_values
+        if isinstance(command, Connect):
+            values.update({"client_name": command.hostname, "client_ptr": command.hostname})
+            if command.family in (Family.INET, Family.INET6):
+                values.update({
+                    "_": f"{command.hostname} [{command.address}]",
+                    "client_addr": command.address,
+                    "client_port": str(command.port),
+                })
+            else:
+                values["_"] = command.hostname
+        elif isinstance(command, Helo):
+            values["s"] = command.name
+        elif isinstance(command, MailFrom):
+            self._rcpt_seen = False
+            values.update({"mail_addr": _bare_address(command.address), "mail_host": _domain(command.address)})
+        elif isinstance(command, RcptTo):
+            self._rcpt_seen = True
+            values.update({"rcpt_addr": _bare_address(command.address), "rcpt_host": _domain(command.address)})
+
+    def macro_value(self, name: str) -> str | None:
+        """The value the MTA has now for macro ``name`` (``x`` or ``{x}``), or None if it has none."""
+        key = _bare_name(name)
+        if key in self.macros:
+            return self.macros[key]
+        if key == "i" and self.profile.queue_id_from_rcpt and not self._rcpt_seen:
+            return None
+        if key in self._session_values:
+            return self._session_values[key]
+        return self.profile.macro_values.get(key)
+
+    def macro_names(self, stage: MacroStage) -> tuple[str, ...]:
+        """The macro names sent for ``stage``: the milter's requested list, else the profile's."""
+        requested = self.session.negotiated.macros.get(stage) if self.session.negotiated else None
+        if requested is not None and (requested or not self.profile.empty_request_means_default):
+            return tuple(requested)
+        return tuple(self.profile.macro_names.get(stage, ()))
+
+    def _macro_packet(self, command: Command) -> Macros | None:
+        letter = command.letter
+        names: tuple[str, ...] | None
+        if letter in _MACRO_STAGE:
+            names = self.macro_names(_MACRO_STAGE[letter])
+        elif letter in _PER_ITEM_STAGE and self.profile.macros_before_every_header_and_chunk:
+            names = self.macro_names(_PER_ITEM_STAGE[letter])
+        elif letter == "U":
+            names = self.profile.unknown_macro_names
+        else:
+            names = None
+        if names is None or not (names or self.profile.always_send_macros):
+            return None
+        pairs = []
+        for name in names:
+            value = self.macro_value(name)
+            if value is not None:
+                pairs.append((name, value))
+        return Macros(letter, tuple(pairs))
+
+    # -- steps
+
+    def negotiate(self) -> list[Response]:
+        """Send the OPTNEG offer; the reply (empty if the milter closed the connection instead)."""
+        return self._step(self.offer).responses
+
+    def connect(
+        self,
+        hostname: str = "mail.example.com",
+        address: str = "192.0.2.10",
+        port: int = 54321,
+        family: Family = Family.INET,
+    ) -> list[Response]:
+        """Send CONNECT for an SMTP client; family UNKNOWN sends neither port nor address."""
+        command = Connect(hostname) if family is Family.UNKNOWN else Connect(hostname, family, port, address)
+        self._connected_smtp = True
+        return self._step(command).responses
+
+    def helo(self, name: str = "mail.example.com") -> list[Response]:
+        """Send HELO with the client's HELO/EHLO name."""
+        self._helo_done = True
+        return self._step(Helo(name)).responses
+
+    def mail_from(self, address: str, *args: str) -> list[Response]:
+        """Send MAIL; ``address`` as the client gave it, normally ``<in angle brackets>``."""
+        return self._step(MailFrom(address, args)).responses
+
+    def rcpt_to(self, address: str, *args: str) -> list[Response]:
+        """Send RCPT for one recipient."""
+        return self._step(RcptTo(address, args)).responses
+
+    def data(self) -> list[Response]:
+        """Send DATA."""
+        return self._step(Data()).responses
+
+    def header(self, name: str, value: str) -> list[Response]:
+        """Send one HEADER; ``value`` goes on the wire exactly as given (see ``leading_space``)."""
+        return self._step(Header(name, value)).responses
+
+    def end_of_headers(self) -> list[Response]:
+        """Send EOH."""
+        return self._step(EndOfHeaders()).responses
+
+    def body(self, data: bytes) -> list[Response]:
+        """Send ``data`` as BODY packets of at most the profile's chunk size.
+
+        Stops after a chunk whose reply is not Continue (Skip, a refusal) or is
+        still pending; the responses of all chunks sent.
+        """
+        responses: list[Response] = []
+        for step in self._body_steps(data):
+            responses.extend(step.responses)
+            if not self.connected or self.session.reply_due or not isinstance(step.verdict, Continue | None):
+                break
+        return responses
+
+    def _body_steps(self, data: bytes) -> Iterator[Step]:
+        size = self.profile.body_chunk_size
+        for start in range(0, len(data), size):
+            yield self._step(BodyChunk(data[start:start + size]))
+
+    def end_of_message(self) -> list[Response]:
+        """Send BODYEOB (empty); the modifications and the final verdict."""
+        return self._step(EndOfMessage()).responses
+
+    def unknown(self, line: str) -> list[Response]:
+        """Send UNKNOWN with an SMTP command line the MTA did not recognise."""
+        return self._step(Unknown(line)).responses
+
+    def abort(self) -> list[Response]:
+        """Send ABORT (no reply is due)."""
+        return self._step(Abort()).responses
+
+    def quit(self) -> list[Response]:
+        """Send QUIT; the milter then closes the connection."""
+        return self._step(Quit()).responses
+
+    def disconnect(self) -> list[Response]:
+        """Close the connection from the MTA's side without QUIT."""
+        if self.transport.connected:
+            self.transport.loseConnection()
+        return self.collect()
+
+    # -- waiting
+
+    def wait(self) -> list[Response]:
+        """Advance the clock, one scheduled call at a time, until the owed reply arrives; what arrived.
+
+        This is the MTA waiting for a slow filter: the filters' own timeouts
+        fire on the way. TimeoutError if a reply is owed and nothing is scheduled.
+        """
+        new = self.collect()
+        while self.connected and self.session.reply_due:
+            calls = self.clock.getDelayedCalls()
+            if not calls:
+                raise TimeoutError(f"{self!r}: the milter owes a reply and nothing is scheduled on the clock")
+            when = min(call.getTime() for call in calls)
+            self.clock.advance(max(0.0, when - self.clock.seconds()))
+            new.extend(self.collect())
+        return new
+
+    def _waited(self, step: Step) -> Verdict | None:
+        """The step's verdict once it arrived; Continue if no reply was due."""
+        self.wait()
+        if not self.connected and step.verdict is None:
+            return None
+        verdict = step.verdict
+        return Continue() if verdict is None else verdict
+
+    # -- whole messages
+
+    def message(
+        self,
+        sender: str,
+        recipients: Sequence[str | tuple[str, Sequence[str]]],
+        headers: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+        *,
+        sender_args: Sequence[str] = (),
+        helo: str | None = "mail.example.com",
+        connect: bool = True,
+    ) -> MessageResult:
+        """Send one message as the MTA would, and the message as it would be stored.
+
+        Runs CONNECT (if ``connect`` and not done yet) and HELO (if ``helo`` and
+        not done yet), then MAIL, RCPT for each recipient, DATA, the headers,
+        EOH, the body and end of message, waiting for pending filters by
+        advancing the clock. Stops like the MTA at a message-level refusal; a
+        refusal at RCPT refuses only that recipient, and the message stops
+        when none is left. Ends with ABORT where the profile sends one (and
+        wherever the message was abandoned mid-transaction).
+
+        Header values are given without the space after the colon
+        (``("Subject", "Hello")``); they are sent with it when the milter asked
+        for leading space. ``body`` is sent as given (use CRLF line ends).
+        """
+        rcpts = [(r, ()) if isinstance(r, str) else (r[0], tuple(r[1])) for r in recipients]
+        result = MessageResult(
+            verdict=None, steps=[], modifications=[], headers=list(headers), sender=sender,
+            sender_args=tuple(sender_args), recipients=[], body=body,
+        )
+        start = len(self.steps)
+        try:
+            self._message(result, rcpts, headers, body, helo=helo, connect=connect)
+        finally:
+            result.steps = self.steps[start:]
+            result.progress_count = sum(
+                isinstance(r, Progress) for step in result.steps for r in step.responses
+            )
+        return result
+
+    def _message(
+        self,
+        result: MessageResult,
+        rcpts: list[tuple[str, tuple[str, ...]]],
+        headers: Sequence[tuple[str, str]],
+        body: bytes,
+        *,
+        helo: str | None,
+        connect: bool,
+    ) -> None:
+        if self._connection_verdict is not None:
+            # The SMTP session was decided at CONNECT or HELO: nothing more reaches the milter.
+            result.verdict = self._connection_verdict
+            if isinstance(result.verdict, Accept):
+                result.recipients = list(rcpts)
+            return
+        if not self.connected or (self.session.negotiated is None and not self._negotiated()):
+            return
+        if connect and not self._connected_smtp:
+            self._connected_smtp = True
+            step = self._step(Connect("mail.example.com", Family.INET, 54321, "192.0.2.10"))
+            if self._connection_level(self._waited(step), result, rcpts):
+                return
+        if helo is not None and not self._helo_done:
+            self._helo_done = True
+            if self._connection_level(self._waited(self._step(Helo(helo))), result, rcpts):
+                return
+
+        def stop(verdict: Verdict | None) -> bool:
+            """Whether the message ends here (not Continue, or the milter is gone); records the verdict if so."""
+            if not self.connected:
+                verdict = None
+            elif isinstance(verdict, Continue):
+                return False
+            result.verdict = verdict
+            self._end_message(verdict)
+            return True
+
+        verdict = self._waited(self._step(MailFrom(result.sender, result.sender_args)))
+        if isinstance(verdict, Accept):
+            result.recipients = list(rcpts)
+        if stop(verdict):
+            return
+        for number, (address, args) in enumerate(rcpts):
+            verdict = self._waited(self._step(RcptTo(address, args)))
+            if isinstance(verdict, Reject | TempFail) and self.connected:
+                result.refused_recipients.append((address, verdict))
+                continue
+            result.recipients.append((address, args))
+            if isinstance(verdict, Accept):
+                result.recipients.extend(rcpts[number + 1:])
+            if stop(verdict):
+                return
+        if not result.recipients:
+            stop(result.refused_recipients[-1][1] if result.refused_recipients else None)
+            return
+        if stop(self._waited(self._step(Data()))):
+            return
+        for name, value in headers:
+            wire = " " + value if value and self.leading_space else value
+            if stop(self._waited(self._step(Header(name, wire)))):
+                return
+        if stop(self._waited(self._step(EndOfHeaders()))):
+            return
+        size = self.profile.body_chunk_size
+        for offset in range(0, len(body), size):
+            verdict = self._waited(self._step(BodyChunk(body[offset:offset + size])))
+            if isinstance(verdict, Skip):
+                break
+            if stop(verdict):
+                return
+        step = self._step(EndOfMessage())
+        verdict = self._waited(step)
+        result.modifications = [r for r in step.responses if isinstance(r, _MODIFICATIONS)]
+        if isinstance(verdict, Continue | Accept):
+            self._apply(result, result.modifications)
+        result.verdict = verdict
+        self._end_message(verdict)
+
+    def _negotiated(self) -> bool:
+        """Negotiate (if still connected); whether it succeeded."""
+        if self.connected:
+            self.negotiate()
+        return self.connected and self.session.negotiated is not None
+
+    def _connection_level(
+        self, verdict: Verdict | None, result: MessageResult, rcpts: list[tuple[str, tuple[str, ...]]]
+    ) -> bool:
+        """Whether a CONNECT or HELO verdict decided the whole SMTP session (then handle it)."""
+        if isinstance(verdict, Continue):
+            return False
+        result.verdict = verdict
+        if verdict is None:
+            return True
+        self._connection_verdict = verdict
+        if isinstance(verdict, Accept):
+            result.recipients = list(rcpts)
+        if self.profile.drop_after_connection_verdict:
+            self.disconnect()
+        elif not isinstance(verdict, Accept):
+            self.quit()
+        return True
+
+    def _end_message(self, verdict: Verdict | None) -> None:
+        """What the MTA sends once a message is over: ABORT, or drop the socket after SHUTDOWN."""
+        if not self.connected:
+            return
+        if isinstance(verdict, Shutdown) and self.profile.drop_after_connection_verdict:
+            self.disconnect()
+            return
+        if self.profile.abort_after_message or self.session.in_transaction:
+            self._step(Abort())
+
+    # -- the message model
+
+    def _stored(self, value: str) -> str:
+        """A header value from a modification as it reads once stored, without the space after the colon."""
+        return strip_leading_space(value) if self.leading_space else value
+
+    def _apply(self, result: MessageResult, modifications: Sequence[Modification]) -> None:
+        """Apply modifications to the message as Postfix does (PROTOCOL.md §3.3-3.5)."""
+        # None stands for the MTA's own Received: header, hidden from milters, above all others.
+        headers: list[tuple[str, str] | None] = [None, *result.headers]
+        replaced = False
+        for change in modifications:
+            if isinstance(change, AddHeader):
+                headers.append((change.name, self._stored(change.value)))
+            elif isinstance(change, InsertHeader):
+                headers.insert(min(change.index, len(headers)), (change.name, self._stored(change.value)))
+            elif isinstance(change, ChangeHeader):
+                key = change.name.lower()
+                found = [n for n, h in enumerate(headers) if h is not None and h[0].lower() == key]
+                index = max(change.index, 1)
+                if index <= len(found):
+                    if change.value:
+                        headers[found[index - 1]] = (change.name, self._stored(change.value))
+                    else:
+                        del headers[found[index - 1]]
+                elif change.value:
+                    headers.append((change.name, self._stored(change.value)))
+            elif isinstance(change, ChangeFrom):
+                result.sender, result.sender_args = change.address, change.args or ()
+            elif isinstance(change, AddRecipient):
+                result.recipients.append((change.address, change.args or ()))
+            elif isinstance(change, DeleteRecipient):
+                gone = _bare_address(change.address)
+                result.recipients = [r for r in result.recipients if _bare_address(r[0]) != gone]
+            elif isinstance(change, ReplaceBody):
+                result.body = (result.body if replaced else b"") + change.data
+                replaced = True
+            elif isinstance(change, Quarantine):
+                result.quarantined = change.reason
+        result.headers = [h for h in headers if h is not None]
+
+
+def _as_member(member: FilterMember) -> FilterSpec | Callable[[], IMilter]:
+    """A chain member for ``member``; a ready filter instance serves this one connection."""
+    if isinstance(member, FilterSpec):
+        return member
+    if IMilter.providedBy(member):
+        instance = member
+        return FilterSpec(lambda: instance, name=type(instance).__qualname__)
+    return member
+
+
+# ---------------------------------------------------------------- recorder
+
+
+@dataclass(frozen=True)
+class Call:
+    """One callback a RecordingMilter received."""
+
+    #: The callback's name (``"connect"`` ... ``"close"``).
+    name: str
+    #: The command it was given, the ``Changes`` for end_of_message, None for abort and close.
+    argument: object
+    #: The macro values visible at the call.
+    macros: Mapping[str, str]
+
+
+#: A verdict, None (continue), or a function of the callback's argument returning either (or a Deferred).
+VerdictRule: TypeAlias = "FilterVerdict | Callable[[Any], Result] | None"
+
+
+class RecordingMilter(Milter):
+    """A filter that records every callback in ``calls`` and answers as configured.
+
+    ``verdicts`` maps callback names to a verdict or to a function of the
+    callback's argument (``{"rcpt_to": lambda c: Reject() if "spam" in c.address else None}``);
+    unlisted callbacks continue. ``changes`` is a sequence of modification
+    messages (``AddHeader(...)``, ``ChangeFrom(...)``) made at end of message,
+    or a function given the ``Changes``; ``actions`` defaults to what they need.
+    A subclass may set the ``verdicts`` and ``changes`` class attributes instead.
+    """
+
+    #: Default verdict rules, by callback name.
+    verdicts: ClassVar[Mapping[str, VerdictRule]] = {}
+    #: Default end-of-message changes.
+    changes: ClassVar[Sequence[Modification]] = ()
+
+    def __init__(
+        self,
+        verdicts: Mapping[str, VerdictRule] | None = None,
+        *,
+        changes: Sequence[Modification] | Callable[[Changes], None] | None = None,
+        actions: Action | None = None,
+        macro_requests: Mapping[MacroStage, Sequence[str]] | None = None,
+    ) -> None:
+        #: Every callback received, in order.
+        self.calls: list[Call] = []
+        self._rules: dict[str, VerdictRule] = {**type(self).verdicts, **(verdicts or {})}
+        self._changes = type(self).changes if changes is None else changes
+        if actions is None and not callable(self._changes):
+            actions = type(self).actions
+            for change in self._changes:
+                actions |= required_action(change)
+        if actions is not None:
+            self.actions = actions  # type: ignore[misc]  # per instance, read by the chain
+        if macro_requests is not None:
+            self.macro_requests = macro_requests  # type: ignore[misc]
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the callbacks received, in order."""
+        return [call.name for call in self.calls]
+
+    def arguments(self, name: str) -> list[object]:
+        """The arguments of every call of callback ``name``."""
+        return [call.argument for call in self.calls if call.name == name]
+
+    def _record(self, name: str, argument: object) -> Result:
+        self.calls.append(Call(name, argument, dict(self.macros)))
+        rule = self._rules.get(name)
+        if callable(rule):
+            return rule(argument)
+        return rule
+
+    def connect(self, command: Connect) -> Result:
+        """Record the connection."""
+        return self._record("connect", command)
+
+    def helo(self, command: Helo) -> Result:
+        """Record the HELO name."""
+        return self._record("helo", command)
+
+    def mail_from(self, command: MailFrom) -> Result:
+        """Record the sender."""
+        return self._record("mail_from", command)
+
+    def rcpt_to(self, command: RcptTo) -> Result:
+        """Record a recipient."""
+        return self._record("rcpt_to", command)
+
+    def data(self, command: Data) -> Result:
+        """Record DATA."""
+        return self._record("data", command)
+
+    def header(self, command: Header) -> Result:
+        """Record a header."""
+        return self._record("header", command)
+
+    def end_of_headers(self, command: EndOfHeaders) -> Result:
+        """Record the end of the headers."""
+        return self._record("end_of_headers", command)
+
+    def body(self, command: BodyChunk) -> Result:
+        """Record a body chunk."""
+        return self._record("body", command)
+
+    def end_of_message(self, changes: Changes) -> Result:
+        """Make the configured changes, then record the end of the message."""
+        if callable(self._changes):
+            self._changes(changes)
+        else:
+            _make_changes(changes, self._changes)
+        return self._record("end_of_message", changes)
+
+    def unknown(self, command: Unknown) -> Result:
+        """Record an unknown SMTP command."""
+        return self._record("unknown", command)
+
+    def abort(self) -> Result:
+        """Record an abort."""
+        return self._record("abort", None)
+
+    def close(self) -> Result:
+        """Record the end of the session."""
+        return self._record("close", None)
+
+
+def _make_changes(changes: Changes, modifications: Sequence[Modification]) -> None:
+    """Record ``modifications`` on ``changes`` through its public methods."""
+    body: bytes | None = None
+    for change in modifications:
+        if isinstance(change, AddHeader):
+            changes.add_header(change.name, change.value)
+        elif isinstance(change, InsertHeader):
+            changes.insert_header(change.index, change.name, change.value)
+        elif isinstance(change, ChangeHeader):
+            changes.change_header(change.name, change.value, change.index)
+        elif isinstance(change, ChangeFrom):
+            changes.change_from(change.address, change.args)
+        elif isinstance(change, AddRecipient):
+            changes.add_recipient(change.address, change.args)
+        elif isinstance(change, DeleteRecipient):
+            changes.delete_recipient(change.address)
+        elif isinstance(change, ReplaceBody):
+            body = (body or b"") + change.data
+            changes.replace_body(body)
+        else:
+            changes.quarantine(change.reason)
