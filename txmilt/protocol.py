@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast, runtime_checkable
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime, ITCPTransport
@@ -24,6 +25,25 @@ from txmilt.session import NEED_DATA, Disconnected, MilterSession
 DEFAULT_IDLE_TIMEOUT = 3600.0
 #: Connections served at once before new ones are refused.
 DEFAULT_MAX_CONNECTIONS = 2000
+
+
+def _has_server_hooks(observer: object) -> bool:
+    """Whether ``observer`` also has the connection-level hooks."""
+    return isinstance(observer, ServerObserver)
+
+
+@runtime_checkable
+class ServerObserver(TypingProtocol):
+    """Optional extra hooks of a chain observer for connection-level metrics."""
+
+    def connection_opened(self) -> None:
+        """A connection was accepted."""
+
+    def protocol_error(self) -> None:
+        """A connection was dropped for breaking the protocol."""
+
+    def command(self, stage: str, seconds: float) -> None:
+        """The chain answered one command after ``seconds``."""
 
 
 class MilterProtocol(Protocol):
@@ -46,12 +66,16 @@ class MilterProtocol(Protocol):
         self._busy = False
         self._finished = False
         self._idle_call: IDelayedCall | None = None
+        self._observer = factory.server_observer
+        self._started = 0.0
 
     @override
     def connectionMade(self) -> None:
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         self.factory.connections.add(self)
+        if self._observer is not None:
+            self._observer.connection_opened()
         peer = self.transport.getPeer() if self.transport is not None else None
         self.log.debug("[{conn}] connection from {peer}", conn=self.connection_id, peer=peer)
         self._restart_idle_timer()
@@ -84,6 +108,8 @@ class MilterProtocol(Protocol):
                 if isinstance(event, Negotiate):
                     self._negotiate(event)
                     continue
+                if self._observer is not None:
+                    self._started = self.factory.clock.seconds()
                 outcome = self.chain.handle(event, self.session.macros)
                 if isinstance(outcome, Deferred):
                     self._busy = True
@@ -105,6 +131,8 @@ class MilterProtocol(Protocol):
         self.transport.write(self.session.send(reply))  # type: ignore[union-attr]
 
     def _answer(self, responses: Sequence[Response], event: object) -> None:
+        if self._observer is not None:
+            self._observer.command(type(event).__name__, self.factory.clock.seconds() - self._started)
         if self.session.reply_due:
             send = self.session.send
             self.transport.write(b"".join([send(response) for response in responses]))  # type: ignore[union-attr]
@@ -135,6 +163,8 @@ class MilterProtocol(Protocol):
         self._close()
 
     def _drop(self, format: str, **fields: Any) -> None:
+        if self._observer is not None:
+            self._observer.protocol_error()
         self.log.error("[{conn}] " + format + "; closing the connection", conn=self.connection_id, **fields)
         self._close()
 
@@ -201,6 +231,8 @@ class MilterFactory(Factory):
         self.max_connections = max_connections
         self.progress_interval = progress_interval
         self.observer = observer
+        # A ServerObserver is a ChainObserver with connection hooks too (metrics.MetricsObserver).
+        self.server_observer = cast("ServerObserver | None", observer if _has_server_hooks(observer) else None)
         self.connections: set[MilterProtocol] = set()
         self._ids = itertools.count(1)
 
