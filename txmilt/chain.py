@@ -10,11 +10,11 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias, cast
+from typing import Any, Protocol, TypeAlias
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
@@ -23,7 +23,9 @@ from txmilt.messages import (
     Abort,
     Accept,
     Action,
+    AddHeader,
     BodyChunk,
+    ChangeFrom,
     Command,
     Connect,
     Continue,
@@ -163,6 +165,11 @@ def merge_requirements(
             optional |= NO_REPLY_FLAG[command]
     if any(BodyChunk in receives for _, receives, _ in members):
         optional |= ProtocolFlag.SKIP
+    rcpt = macros.get(MacroStage.RCPT)
+    if protocol & ProtocolFlag.RCPT_REJECTED and rcpt is not None and not {"rcpt_mailer", "{rcpt_mailer}"} & set(rcpt):
+        # The chain tells rejected recipients apart by {rcpt_mailer}; an explicit list replaces the
+        # MTA's default one, which has it.
+        rcpt.append("{rcpt_mailer}")
     return Requirements(actions, protocol, optional, {stage: tuple(names) for stage, names in macros.items()})
 
 
@@ -189,86 +196,98 @@ def merge_changes(headers: Sequence[tuple[str, str]], contributions: Sequence[tu
     Header indices are rewritten so that one filter's insert or delete does not
     shift what a later filter meant; where two filters change the same single
     thing (a header, the sender, the body, the quarantine reason), the later
-    wins and a warning names both.
+    wins and a warning names both. A change of a header an earlier filter
+    deleted is dropped with a warning.
     """
     merged = MergedChanges()
-    hidden = _Entry("")  # the MTA's own Received: header, position 0
+    hidden = _Entry("")  # the MTA's own Received: header, position 0; its key matches no name
     original = [hidden, *(_Entry(name) for name, _ in headers)]
-    current = list(original)
-    touched: dict[_Entry, str] = {}
-    deleted: dict[_Entry, str] = {}
-    single: dict[str, str] = {}
-    sender = body = quarantine = None
+    current = list(original)  # the MTA's list as the modifications sent so far leave it
+    live = set(current)
+    touched: dict[_Entry, int] = {}
+    deleted: dict[_Entry, int] = {}
+    single: dict[str, int] = {}
+    sender: ChangeFrom | None = None
+    body: bytes | None = None
+    quarantine: str | None = None
 
     def occurrences(entries: list[_Entry], key: str) -> list[_Entry]:
-        return [entry for entry in entries[1:] if entry.key == key]
+        return [entry for entry in entries if entry.key == key]
 
-    for name, changes in contributions:
-        view = list(original)
+    def append(view: list[_Entry], name: str) -> None:
+        entry = _Entry(name)
+        view.append(entry)
+        current.append(entry)
+        live.add(entry)
+
+    for number, (name, changes) in enumerate(contributions):
+        view = list(original)  # the message as this filter saw it, with its own changes so far
         for edit in changes.edits:
             if isinstance(edit, InsertHeader):
+                at = min(edit.index, len(view))
+                anchor = next((e for e in view[at:] if e in live), None)
+                # Before the first header still there that followed in this filter's view; past the
+                # end, keep the distance so an append stays an append.
+                position = len(current) + edit.index - at if anchor is None else current.index(anchor)
                 entry = _Entry(edit.name)
-                anchor = next((e for e in view[edit.index:] if e in current and e is not hidden), None)
-                if edit.index == 0:
-                    anchor = hidden
-                position = len(current) if anchor is None else current.index(anchor)
-                view.insert(min(edit.index, len(view)), entry)
+                view.insert(at, entry)
                 current.insert(position, entry)
+                live.add(entry)
                 merged.modifications.append(InsertHeader(position, edit.name, edit.value))
             elif isinstance(edit, _ChangeHeader):
                 key = edit.name.lower()
                 seen = occurrences(view, key)
                 index = max(edit.index, 1)
-                if index <= len(seen):
-                    target = seen[index - 1]
-                    if target in deleted:
-                        merged.warnings.append(
-                            f"filter {name} changes header {edit.name} #{index}, which filter"
-                            f" {deleted[target]} deleted; ignored"
-                        )
-                        if not edit.value:
-                            view.remove(target)
-                        continue
-                    if target in touched:
-                        merged.warnings.append(
-                            f"filters {touched[target]} and {name} both change header {edit.name}"
-                            f" #{index}; {name} wins"
-                        )
-                    rebased = occurrences(current, key).index(target) + 1
-                    merged.modifications.append(_ChangeHeader(rebased, edit.name, edit.value))
-                    touched[target] = name
-                    if not edit.value:
-                        view.remove(target)
-                        current.remove(target)
-                        deleted[target] = name
-                else:
+                if index > len(seen):
+                    # No such header: the MTA appends one (if the value is not empty).
                     beyond = index - len(seen)
                     merged.modifications.append(
                         _ChangeHeader(len(occurrences(current, key)) + beyond, edit.name, edit.value)
                     )
-                    if edit.value and beyond == 1:
-                        entry = _Entry(edit.name)
-                        view.append(entry)
-                        current.append(entry)
+                    if edit.value:
+                        append(view, edit.name)
+                    continue
+                target = seen[index - 1]
+                if target in deleted:
+                    merged.warnings.append(
+                        f"filter {name} changes header {edit.name} #{index}, which filter"
+                        f" {contributions[deleted[target]][0]} deleted; ignored"
+                    )
+                    if not edit.value:
+                        view.remove(target)
+                    continue
+                if touched.get(target, number) != number:
+                    merged.warnings.append(
+                        f"filters {contributions[touched[target]][0]} and {name} both change header"
+                        f" {edit.name} #{index}; {name} wins"
+                    )
+                rebased = occurrences(current, key).index(target) + 1
+                merged.modifications.append(_ChangeHeader(rebased, edit.name, edit.value))
+                touched[target] = number
+                if not edit.value:
+                    view.remove(target)
+                    current.remove(target)
+                    live.discard(target)
+                    deleted[target] = number
             else:
-                if hasattr(edit, "name") and not isinstance(edit, _Quarantine):
-                    entry = _Entry(cast(Any, edit).name)
-                    view.append(entry)
-                    current.append(entry)
+                if isinstance(edit, AddHeader):
+                    append(view, edit.name)
                 merged.modifications.append(edit)
         for what, value in (("sender", changes.sender), ("body", changes.body),
                             ("quarantine reason", changes.quarantine_reason)):
             if value is None:
                 continue
             if what in single:
-                merged.warnings.append(f"filters {single[what]} and {name} both change the {what}; {name} wins")
-            single[what] = name
-            if what == "sender":
-                sender = changes.sender
-            elif what == "body":
-                body = changes.body
-            else:
-                quarantine = changes.quarantine_reason
+                merged.warnings.append(
+                    f"filters {contributions[single[what]][0]} and {name} both change the {what}; {name} wins"
+                )
+            single[what] = number
+        if changes.sender is not None:
+            sender = changes.sender
+        if changes.body is not None:
+            body = changes.body
+        if changes.quarantine_reason is not None:
+            quarantine = changes.quarantine_reason
     if sender is not None:
         merged.modifications.append(sender)
     if body is not None:
@@ -287,9 +306,11 @@ class _Member:
     __slots__ = (
         "add_space",
         "closed",
+        "failed",
         "in_message",
         "milter",
         "needs",
+        "no_reply",
         "receives",
         "retired",
         "retired_for_connection",
@@ -303,6 +324,7 @@ class _Member:
         self.spec = spec
         self.milter = spec.factory()
         self.needs, self.receives, self.silent = _filter_requirements(self.milter)
+        self.no_reply = frozenset(getattr(self.milter, "no_reply", ()))
         self.strip_space = False
         self.add_space = False
         self.retired = False
@@ -310,6 +332,7 @@ class _Member:
         self.skipping = False
         self.in_message = False
         self.closed = False
+        self.failed = False  # its end_of_message failed: its changes are dropped
 
     @property
     def active(self) -> bool:
@@ -355,6 +378,7 @@ class Chain:
 
     def negotiate(self, offer: Negotiate) -> NegotiateReply:
         """The chain's OPTNEG reply; NegotiationError names a filter the MTA cannot serve."""
+        negotiate(offer, Requirements())  # an unusable version is no filter's fault
         for member in self._members:
             try:
                 negotiate(offer, member.needs)
@@ -399,64 +423,88 @@ class Chain:
 
     def _dispatch(self, command: Command, macros: MacroView) -> Outcome:
         kind = type(command)
+        stage = CALLBACKS[kind]
         targets = [m for m in self._members if m.active and kind in m.receives]
         if kind is BodyChunk:
             targets = [m for m in targets if not m.skipping]
         elif kind is RcptTo and macros.get("rcpt_mailer") == "error":
             targets = [m for m in targets if m.needs.protocol & ProtocolFlag.RCPT_REJECTED]
-        results = [self._invoke(m, command, macros) for m in targets]
+        results: list[Any] = []
+        for member in targets:
+            argument = command
+            if isinstance(command, Header) and member.strip_space:
+                argument = Header(command.name, strip_leading_space(command.value))
+            results.append(self._invoke(member, stage, argument, macros))
         gathered = self._gather(targets, results)
         if isinstance(gathered, Deferred):
             return self._track(gathered.addCallback(lambda verdicts: self._decide(command, targets, verdicts)))
         return self._decide(command, targets, gathered)
 
-    def _invoke(self, member: _Member, command: Command, macros: MacroView) -> FilterVerdict | Deferred[Any]:
+    def _invoke(
+        self, member: _Member, stage: str, argument: object, macros: MacroView
+    ) -> FilterVerdict | Deferred[Any]:
         """Call one filter's callback; a verdict now, or a Deferred that never fails."""
         milter = member.milter
         milter.macros = macros
-        if isinstance(command, Header) and member.strip_space:
-            command = Header(command.name, strip_leading_space(command.value))
-        stage = CALLBACKS[type(command)]
+        started = self._clock.seconds()
         try:
-            value = getattr(milter, stage)(command)
+            value = getattr(milter, stage)(argument)
         except Exception:
+            self._latency(member, stage, started)
             return self._failed(member, stage, Failure(), "error")
-        return self._settle(member, stage, value, self._clock.seconds())
+        return self._settle(member, stage, value, started)
 
     def _settle(self, member: _Member, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
+        """The verdict a callback's return value stands for, now or (for a pending Deferred) later."""
+        if inspect.iscoroutine(value):
+            value = Deferred.fromCoroutine(value)
+        if isinstance(value, Deferred):
+            if not value.called or value.paused:
+                return self._wait(member, stage, value, started)
+            box: list[object] = []  # already fired: a finished coroutine, succeed(...)
+            value.addBoth(box.append)
+            value = box[0]
+        self._latency(member, stage, started)
+        if isinstance(value, Failure):
+            return self._failed(member, stage, value, "error")
+        return self._verdict(member, stage, value)
+
+    def _wait(self, member: _Member, stage: str, value: Deferred[Any], started: float) -> Deferred[Any]:
+        """A Deferred of the verdict, never failing; cancelling it cancels the filter's work."""
+        cancelled = False
+
+        def cancel(_: Deferred[Any]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            value.cancel()
+            forward(_CONTINUE)  # in case the filter's Deferred ignores the cancellation
+
+        def forward(result: object) -> None:
+            if not verdict.called:
+                verdict.callback(result)
+
+        def done(result: object) -> object:
+            self._latency(member, stage, started)
+            return self._verdict(member, stage, result)
+
+        def failed(failure: Failure) -> object:
+            if cancelled:
+                return _CONTINUE  # the chain no longer needs this answer; nothing to report
+            self._latency(member, stage, started)
+            kind = "timeout" if failure.check(TimeoutError) else "error"
+            return self._failed(member, stage, failure, kind)
+
+        verdict: Deferred[Any] = Deferred(cancel)
+        value.addTimeout(member.spec.timeout, self._clock)
+        value.addCallbacks(done, failed).addBoth(forward)
+        return verdict
+
+    def _verdict(self, member: _Member, stage: str, value: object) -> FilterVerdict:
         if value is None:
             return _CONTINUE
         if isinstance(value, FILTER_VERDICTS):
             return self._checked(member, stage, value)
-        if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
-        if not isinstance(value, Deferred):
-            return self._bad_verdict(member, stage, value)
-        if value.called and not value.paused:
-            box: list[object] = []
-            value.addBoth(box.append)
-            if isinstance(box[0], Failure):
-                return self._failed(member, stage, box[0], "error")
-            return self._settle(member, stage, box[0], started)
-        value.addTimeout(member.spec.timeout, self._clock)
-
-        def done(result: object) -> object:
-            if self._observer is not None:
-                self._observer.latency(member.spec.name, stage, self._clock.seconds() - started)
-            if result is None:
-                return _CONTINUE
-            if isinstance(result, FILTER_VERDICTS):
-                return self._checked(member, stage, result)
-            return self._bad_verdict(member, stage, result)
-
-        def failed(failure: Failure) -> object:
-            if failure.check(TimeoutError):
-                return self._failed(member, stage, failure, "timeout")
-            if failure.check(CancelledError):
-                return _CONTINUE
-            return self._failed(member, stage, failure, "error")
-
-        return value.addCallbacks(done, failed)
+        return self._bad_verdict(member, stage, value)
 
     def _checked(self, member: _Member, stage: str, verdict: FilterVerdict) -> FilterVerdict:
         """The verdict if it is legal at this stage, else the filter's fallback."""
@@ -464,7 +512,7 @@ class Chain:
             return self._bad_verdict(member, stage, verdict)
         if isinstance(verdict, Discard) and stage in ("connect", "helo"):
             return self._bad_verdict(member, stage, verdict)
-        if stage in member.milter.no_reply and not isinstance(verdict, Continue):
+        if stage in member.no_reply and not isinstance(verdict, Continue):
             self.log.error(
                 "[{conn}] filter {filter} answered {verdict!r} from {stage}, which it declared no_reply;"
                 " ignored", conn=self.connection_id, filter=member.spec.name, verdict=verdict, stage=stage,
@@ -472,44 +520,67 @@ class Chain:
             return _CONTINUE
         return verdict
 
+    def _fallback(self, member: _Member, stage: str) -> tuple[FilterVerdict, str]:
+        """What a failed callback answers, and how the log says so."""
+        if stage == "end_of_message":
+            member.failed = True
+        if stage in ("abort", "close"):
+            return _CONTINUE, "carrying on"
+        if stage in member.no_reply:
+            # The MTA reads no reply here (or the filter promised it only observes): never refuse.
+            return _CONTINUE, "continuing, as the callback is declared no_reply"
+        return member.spec.fallback, f"using fallback {member.spec.fallback!r}"
+
     def _bad_verdict(self, member: _Member, stage: str, value: object) -> FilterVerdict:
+        fallback, consequence = self._fallback(member, stage)
         self.log.error(
-            "[{conn}] filter {filter} returned {value!r} from {stage}, not a verdict legal there;"
-            " using fallback {fallback!r}",
-            conn=self.connection_id, filter=member.spec.name, value=value, stage=stage,
-            fallback=member.spec.fallback,
+            "[{conn}] filter {filter} returned {value!r} from {stage}, not a verdict legal there; {consequence}",
+            conn=self.connection_id, filter=member.spec.name, value=value, stage=stage, consequence=consequence,
         )
         if self._observer is not None:
             self._observer.failure(member.spec.name, stage, "bad-verdict")
-        return member.spec.fallback
+        return fallback
 
     def _failed(self, member: _Member, stage: str, failure: Failure, kind: str) -> FilterVerdict:
+        fallback, consequence = self._fallback(member, stage)
         if kind == "timeout":
             self.log.error(
-                "[{conn}] filter {filter} timed out after {timeout}s in {stage}; using fallback {fallback!r}",
+                "[{conn}] filter {filter} timed out after {timeout}s in {stage}; {consequence}",
                 conn=self.connection_id, filter=member.spec.name, timeout=member.spec.timeout, stage=stage,
-                fallback=member.spec.fallback,
+                consequence=consequence,
             )
         else:
             self.log.failure(
-                "[{conn}] filter {filter} failed in {stage}; using fallback {fallback!r}",
-                failure=failure, conn=self.connection_id, filter=member.spec.name, stage=stage,
-                fallback=member.spec.fallback,
+                "[{conn}] filter {filter} failed in {stage}; {consequence}",
+                failure=failure, level=LogLevel.error, conn=self.connection_id, filter=member.spec.name,
+                stage=stage, consequence=consequence,
             )
         if self._observer is not None:
             self._observer.failure(member.spec.name, stage, kind)
-        return member.spec.fallback
+        return fallback
 
-    def _gather(self, targets: list[_Member], results: list[Any]) -> list[FilterVerdict] | Deferred[Any]:
-        """Verdicts in filter order up to the first refusal that counts; later work is cancelled."""
+    def _latency(self, member: _Member, stage: str, started: float) -> None:
+        if self._observer is not None:
+            self._observer.latency(member.spec.name, stage, self._clock.seconds() - started)
+
+    def _gather(
+        self, targets: list[_Member], results: list[Any], cancelled: set[int] | None = None
+    ) -> list[FilterVerdict] | Deferred[Any]:
+        """Verdicts in filter order up to the first refusal that counts; later work is cancelled.
+
+        The indices of filters whose work was cancelled that way are added to ``cancelled``.
+        """
         settled: list[FilterVerdict] = []
         deferreds: dict[int, Deferred[Any]] = {}
-        state: dict[str, Any] = {"outer": None, "running": False}
+        unfinished = cancelled if cancelled is not None else set()
+        state: dict[str, Any] = {"outer": None, "running": False, "stopped": False}
 
         def store(verdict: FilterVerdict, index: int) -> None:
             results[index] = verdict
             outer = state["outer"]
-            if outer is not None and not outer.called and not state["running"] and advance():
+            if outer is None or outer.called or state["running"] or state["stopped"]:
+                return
+            if advance():
                 outer.callback(settled)
 
         def advance() -> bool:
@@ -524,6 +595,7 @@ class Chain:
                     if isinstance(verdict, _REFUSALS) and not targets[index].spec.dry_run:
                         for later, deferred in deferreds.items():
                             if later > index and results[later] is _PENDING:
+                                unfinished.add(later)
                                 deferred.cancel()
                         return True
                 return True
@@ -539,8 +611,11 @@ class Chain:
             return settled
 
         def cancel(_: Deferred[Any]) -> None:
-            for deferred in deferreds.values():
-                deferred.cancel()
+            # Cancelled from outside (the connection is gone): no verdict is wanted any more.
+            state["stopped"] = True
+            for index, deferred in deferreds.items():
+                if results[index] is _PENDING:
+                    deferred.cancel()
 
         outer: Deferred[Any] = Deferred(cancel)
         state["outer"] = outer
@@ -561,16 +636,16 @@ class Chain:
             if isinstance(verdict, Accept):
                 if isinstance(command, _CONNECTION_LEVEL):
                     member.retired_for_connection = True
-                else:
+                elif member.in_message:
                     member.retired = True
+                # else: Accept at UNKNOWN between messages means continue (PROTOCOL.md §5.3)
             elif isinstance(verdict, Skip):
                 member.skipping = True
             elif isinstance(verdict, _REFUSALS) and not member.spec.dry_run:
                 answer, refuser = verdict, member
         if answer is not None:
             if not isinstance(command, _MESSAGE_SURVIVES):
-                others = [m for m in self._members if m is not refuser and m.in_message and m.active]
-                self._end_message()
+                others = [m for m in self._members if m is not refuser]
                 return self._after(self._abort(others), (answer,))
             return (answer,)
         if self._all_accepted():
@@ -609,7 +684,7 @@ class Chain:
             chunk = self._dispatch(BodyChunk(command.data), macros)
 
             def then(responses: Sequence[Response]) -> Outcome:
-                if isinstance(responses[0], _REFUSALS | Accept):
+                if not responses or isinstance(responses[0], _REFUSALS | Accept):
                     return responses
                 return self._final(command, macros)
 
@@ -620,31 +695,43 @@ class Chain:
 
     def _final(self, command: EndOfMessage, macros: MacroView) -> Outcome:
         targets = [m for m in self._members if m.active]
+        for member in targets:
+            member.failed = False
         changes = [
             Changes(m.needs.actions, add_space=m.add_space, on_progress=self._progress_now) for m in targets
         ]
-        results: list[Any] = []
-        for member, recorder in zip(targets, changes, strict=True):
-            member.milter.macros = macros
-            try:
-                value = member.milter.end_of_message(recorder)
-            except Exception:
-                results.append(self._failed(member, "end_of_message", Failure(), "error"))
-                continue
-            results.append(self._settle(member, "end_of_message", value, self._clock.seconds()))
-        gathered = self._gather(targets, results)
+        results: list[Any] = [
+            self._invoke(member, "end_of_message", recorder, macros)
+            for member, recorder in zip(targets, changes, strict=True)
+        ]
+        cancelled: set[int] = set()
+
+        def finish(verdicts: list[FilterVerdict]) -> Outcome:
+            unfinished = [targets[index] for index in sorted(cancelled)]
+            return self._finish(targets, changes, verdicts, unfinished)
+
+        gathered = self._gather(targets, results, cancelled)
         if isinstance(gathered, Deferred):
             self._start_progress()
             gathered.addBoth(self._stop_progress)
-            return self._track(gathered.addCallback(lambda v: self._finish(targets, changes, v)))
-        return self._finish(targets, changes, gathered)
+            return self._track(gathered.addCallback(finish))
+        return finish(gathered)
 
-    def _finish(self, targets: list[_Member], changes: list[Changes], verdicts: list[FilterVerdict]) -> Outcome:
-        """Merge end-of-message verdicts and changes: changes first, then the verdict."""
+    def _finish(
+        self, targets: list[_Member], changes: list[Changes], verdicts: list[FilterVerdict], unfinished: list[_Member]
+    ) -> Outcome:
+        """Merge end-of-message verdicts and changes: changes first, then the verdict.
+
+        A filter whose end_of_message failed gets its fallback verdict, but its changes,
+        perhaps half made, are dropped. On a refusal, filters whose end_of_message was
+        cancelled for it get abort(); the ones that finished have had their end of message.
+        """
         answer: FilterVerdict = _CONTINUE
         contributions = []
         for member, recorder, verdict in zip(targets, changes, verdicts, strict=False):
             self._count(member, "end_of_message", verdict)
+            if member.failed:
+                recorder = Changes(Action.NONE)
             if member.spec.dry_run:
                 if not isinstance(verdict, Continue | Accept) or not recorder.empty:
                     self.log.info(
@@ -663,11 +750,10 @@ class Chain:
             self._count_changes(member, recorder)
         headers, self._headers = self._headers, []
         if isinstance(answer, _REFUSALS):
-            self._end_message()
-            return (answer,)
+            return self._after(self._abort(unfinished), (answer,))
         merged = merge_changes(headers, contributions)
         for warning in merged.warnings:
-            self.log.warn("[{conn}] {warning}", conn=self.connection_id, warning=warning)
+            self.log.warn("[{conn}] {conflict}", conn=self.connection_id, conflict=warning)
         final: FilterVerdict = Accept() if self._all_accepted() else _CONTINUE
         self._end_message()
         return (*merged.modifications, final)
@@ -717,10 +803,15 @@ class Chain:
         return _all_of(pending)
 
     def connection_lost(self, in_transaction: bool) -> None:
-        """The MTA vanished: cancel work in flight, abort an open message, close every filter."""
+        """The MTA vanished: cancel work in flight, abort an open message, close every filter.
+
+        A Deferred ``handle`` returned for the cancelled work fires with no responses.
+        Filters are aborted when the session or the chain counts a message as open: while
+        end_of_message is pending the session already counts the message as over.
+        """
         if self._in_flight is not None:
             self._in_flight.cancel()
-        if in_transaction:
+        if in_transaction or any(member.in_message for member in self._members):
             self._abort(self._members)
         self.close()
 
@@ -728,6 +819,8 @@ class Chain:
         deferred.addTimeout(member.spec.timeout, self._clock)
 
         def failed(failure: Failure) -> None:
+            if failure.check(CancelledError):
+                return  # connection_lost gave up waiting; not the filter's failure
             kind = "timeout" if failure.check(TimeoutError) else "error"
             self._failed(member, stage, failure, kind)
 
@@ -744,6 +837,8 @@ class Chain:
         def clear(result: object) -> object:
             if self._in_flight is deferred:
                 self._in_flight = None
+            if isinstance(result, Failure) and result.check(CancelledError):
+                return ()  # cancelled by connection_lost: nothing to send
             return result
 
         return deferred.addBoth(clear)
@@ -802,4 +897,11 @@ def verify_filters(filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> tup
             _filter_requirements(milter)
         except (ValueError, TypeError, LocalProtocolError) as e:
             raise ConfigurationError(f"filter {spec.name} declares something invalid: {e}") from e
+        no_reply = getattr(milter, "no_reply", ())
+        unknown = sorted(set(no_reply) - set(CALLBACKS.values())) if not isinstance(no_reply, str) else [no_reply]
+        if unknown:
+            raise ConfigurationError(
+                f"filter {spec.name}: no_reply must name callbacks that can go unanswered"
+                f" ({', '.join(CALLBACKS.values())}), not {', '.join(map(repr, unknown))}"
+            )
     return specs

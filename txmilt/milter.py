@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, TypeAlias
 
@@ -50,6 +51,12 @@ Result: TypeAlias = (
 )
 
 
+#: A line break that does not continue the header (folding needs a space or tab next).
+_UNFOLDED_LF = re.compile(r"\n(?![ \t])")
+#: Header indexes travel as unsigned 32-bit integers.
+_MAX_INDEX = 0xFFFFFFFF
+
+
 def _check_header_name(name: str) -> None:
     if not name or any(not 33 <= ord(c) <= 126 or c == ":" for c in name):
         raise LocalProtocolError(f"header name {name!r} must be printable ASCII without spaces or ':'")
@@ -59,6 +66,15 @@ def _check_header_value(value: str) -> None:
     encode_text(value, "header value")
     if "\r" in value:
         raise LocalProtocolError(f"header value {value!r} contains CR; fold lines with LF and a space")
+    if _UNFOLDED_LF.search(value):
+        raise LocalProtocolError(
+            f"header value {value!r} has a line break not followed by a space or tab; it would start a new header"
+        )
+
+
+def _check_index(call: str, index: int, lowest: int) -> None:
+    if not lowest <= index <= _MAX_INDEX:
+        raise LocalProtocolError(f"{call} index {index} must be between {lowest} and {_MAX_INDEX}")
 
 
 class Changes:
@@ -105,16 +121,14 @@ class Changes:
         """Insert a header at a 0-based position; 0 is the very top."""
         self._require(Action.ADD_HEADERS, "insert_header")
         _check_header_name(name)
-        if index < 0:
-            raise LocalProtocolError(f"insert_header index {index} must be 0 or more")
+        _check_index("insert_header", index, 0)
         self.edits.append(InsertHeader(index, name, self._value(value)))
 
     def change_header(self, name: str, value: str, index: int = 1) -> None:
         """Replace the index-th (1-based) header called ``name``; an empty value deletes it."""
         self._require(Action.CHANGE_HEADERS, "change_header")
         _check_header_name(name)
-        if index < 1:
-            raise LocalProtocolError(f"change_header index {index} must be 1 or more")
+        _check_index("change_header", index, 1)
         self.edits.append(ChangeHeader(index, name, self._value(value)))
 
     def delete_header(self, name: str, index: int = 1) -> None:
@@ -143,6 +157,8 @@ class Changes:
     def replace_body(self, body: bytes) -> None:
         """Replace the whole body (CRLF line ends); a later call replaces an earlier one."""
         self._require(Action.CHANGE_BODY, "replace_body")
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise LocalProtocolError(f"replace_body() needs bytes, not {type(body).__name__}")
         self.body = bytes(body)
 
     def quarantine(self, reason: str) -> None:
