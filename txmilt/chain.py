@@ -54,7 +54,7 @@ from txmilt.messages import (
 from txmilt.messages import ChangeHeader as _ChangeHeader
 from txmilt.messages import Quarantine as _Quarantine
 from txmilt.milter import CALLBACKS, FILTER_VERDICTS, Changes, FilterVerdict, overrides
-from txmilt.session import NO_FLAG, NO_REPLY_FLAG, Disconnected, MacroView, Requirements, negotiate
+from txmilt.session import NO_FLAG, NO_REPLY_FLAG, TRACKING_EVENTS, Disconnected, MacroView, Requirements, negotiate
 
 #: What the chain hands back for one command: the packets to send, now or later.
 Outcome: TypeAlias = "Sequence[Response] | Deferred[Sequence[Response]]"
@@ -161,7 +161,8 @@ def merge_requirements(
         receivers = [(receives, silent) for _, receives, silent in members if command in receives]
         if not receivers and command not in watched:
             optional |= no_flag
-        if all(command in silent for _, silent in receivers):
+        needs_reply_flag = receivers or command in watched or no_flag & TRACKING_EVENTS
+        if needs_reply_flag and all(command in silent for _, silent in receivers):
             optional |= NO_REPLY_FLAG[command]
     if any(BodyChunk in receives for _, receives, _ in members):
         optional |= ProtocolFlag.SKIP
@@ -365,6 +366,7 @@ class Chain:
         self._observer = observer
         self._members = [_Member(spec) for spec in self._specs]
         self._negotiated: NegotiateReply | None = None
+        self._offer: Negotiate | None = None
         self._headers: list[tuple[str, str]] = []
         self._in_flight: Deferred[Any] | None = None
         self._progress_call: IDelayedCall | None = None
@@ -388,16 +390,24 @@ class Chain:
             [(m.needs, m.receives, m.silent) for m in self._members], observe=self._watched()
         )
         reply = negotiate(offer, needs)
+        self._offer = offer
         self.accept_negotiation(reply)
         return reply
 
     def accept_negotiation(self, reply: NegotiateReply) -> None:
-        """Adapt the filters to what was negotiated (leading space per filter)."""
+        """Adapt the filters to what was negotiated (leading space per filter).
+
+        A filter with a ``negotiated(offer, reply)`` method learns the MTA's offer
+        and the chain's reply (RemoteMilter uses it to offer its peer the same version).
+        """
         self._negotiated = reply
         leading = bool(reply.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
         for member in self._members:
             wants = bool(member.needs.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
             member.strip_space = member.add_space = leading and not wants
+            hook = getattr(member.milter, "negotiated", None)
+            if callable(hook) and self._offer is not None:
+                hook(self._offer, reply)
 
     # -- dispatch
 
