@@ -1,0 +1,196 @@
+"""The example filters, each driven through FakeMTA as a user would test them."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import functools
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from examples.alias_rewriter import AliasRewriter
+from examples.disclaimer import Disclaimer
+from examples.header_stamp import HeaderStamp
+from examples.quarantine_sender import QuarantineSender
+from examples.word_rejecter import SubjectOnlyRejecter, WordRejecter
+from txmilt.config import read_config
+from txmilt.interfaces import IMilter
+from txmilt.messages import Continue, Reject, Skip
+from txmilt.testing import FakeMTA
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "milter.toml"
+SENDER = "<alice@example.com>"
+RCPT = ["<bob@example.net>"]
+HEADERS = [("From", "Alice <alice@example.com>"), ("Subject", "Lunch")]
+
+
+class ExampleInterfaceTests(SynchronousTestCase):
+    def test_all_provide_imilter(self) -> None:
+        """Every example filter provides IMilter."""
+        for cls in (HeaderStamp, WordRejecter, SubjectOnlyRejecter, AliasRewriter, Disclaimer, QuarantineSender):
+            self.assertTrue(verifyObject(IMilter, cls()))
+
+    def test_example_config_loads(self) -> None:
+        """examples/milter.toml names every example in order, with options that construct."""
+        config = read_config(str(EXAMPLE_CONFIG))
+        names = [spec.name for spec in config.filters]
+        self.assertEqual(names, ["words", "quarantine", "aliases", "disclaimer", "stamp"])
+
+    def test_example_chain(self) -> None:
+        """The example chain stamps, rewrites aliases and adds the footer in one pass."""
+        config = read_config(str(EXAMPLE_CONFIG))
+        result = FakeMTA(config.filters).message(
+            SENDER, ["<sales@example.com>"], [*HEADERS, ("Content-Type", "text/plain")], b"Hi\r\n"
+        )
+        self.assertEqual(result.verdict, Continue())
+        self.assertEqual([r for r, _ in result.recipients], ["<alice@example.com>", "<bob@example.com>"])
+        self.assertIn("X-Filtered-By", [name for name, _ in result.headers])
+        self.assertIn(b"checked by txmilt", result.body)
+
+
+class HeaderStampTests(SynchronousTestCase):
+    def test_stamp_names_client(self) -> None:
+        """The stamp carries the host from macro j and the client address."""
+        mta = FakeMTA([HeaderStamp], macros={"j": "mx.example.net", "{client_addr}": "192.0.2.7"})
+        result = mta.message(SENDER, RCPT, HEADERS, b"Hi\r\n")
+        self.assertIn(("X-Filtered-By", "txmilt on mx.example.net (client 192.0.2.7)"), result.headers)
+
+    def test_stamp_without_macros(self) -> None:
+        """Without macros the stamp falls back to the CONNECT address."""
+        mta = FakeMTA([functools.partial(HeaderStamp, header="X-Stamp")], macros={"j": None, "{client_addr}": None})
+        result = mta.message(SENDER, RCPT, HEADERS, b"Hi\r\n")
+        self.assertIn(("X-Stamp", "txmilt (client 192.0.2.10)"), result.headers)
+
+    def test_one_stamp_per_message(self) -> None:
+        """Two messages on one connection get one stamp each."""
+        mta = FakeMTA([HeaderStamp])
+        for _ in range(2):
+            result = mta.message(SENDER, RCPT, HEADERS, b"Hi\r\n")
+            self.assertEqual([name for name, _ in result.headers].count("X-Filtered-By"), 1)
+
+
+class WordRejecterTests(SynchronousTestCase):
+    def test_subject_rejected_with_multiline_reply(self) -> None:
+        """A spammy subject is refused with a three-line 550 5.7.1 reply."""
+        result = FakeMTA([WordRejecter]).message(SENDER, RCPT, [("Subject", "Win at the CASINO")], b"x\r\n")
+        self.assertIsInstance(result.verdict, Reject)
+        assert isinstance(result.verdict, Reject)
+        self.assertEqual((result.verdict.code, result.verdict.status), (550, "5.7.1"))
+        self.assertEqual(len(result.verdict.text), 3)
+        self.assertIn("CASINO", result.verdict.text[0])
+        self.assertFalse(result.delivered)
+
+    def test_body_match_across_chunks(self) -> None:
+        """A word split over two body chunks is still found."""
+        body = b"a" * (65535 - 3) + b"viagra\r\n"
+        result = FakeMTA([WordRejecter]).message(SENDER, RCPT, HEADERS, body)
+        self.assertIsInstance(result.verdict, Reject)
+
+    def test_clean_mail_passes(self) -> None:
+        """Mail without the words is accepted unchanged."""
+        result = FakeMTA([WordRejecter]).message(SENDER, RCPT, HEADERS, b"See you at noon.\r\n")
+        self.assertEqual(result.verdict, Continue())
+        self.assertEqual(result.body, b"See you at noon.\r\n")
+
+    def test_custom_patterns(self) -> None:
+        """Patterns come from the constructor (the config file's options)."""
+        rejecter = functools.partial(WordRejecter, patterns=["lunch"], reply=["Not hungry."])
+        result = FakeMTA([rejecter]).message(SENDER, RCPT, HEADERS, b"x\r\n")
+        assert isinstance(result.verdict, Reject)
+        self.assertEqual(result.verdict.text[-1], "Not hungry.")
+
+    def test_subject_only_skips_body(self) -> None:
+        """SubjectOnlyRejecter answers the first body chunk with Skip."""
+        mta = FakeMTA([SubjectOnlyRejecter])
+        result = mta.message(SENDER, RCPT, HEADERS, b"viagra " * 30000)
+        self.assertEqual(result.verdict, Continue())
+        responses = [response for step in result.steps for response in step.responses]
+        self.assertEqual(responses.count(Skip()), 1)
+
+
+class AliasRewriterTests(SynchronousTestCase):
+    def test_alias_expanded(self) -> None:
+        """An alias recipient is deleted and replaced by its targets; others stay."""
+        aliases = {"team@example.net": ["ann@example.net", "ben@example.net"]}
+        result = FakeMTA([functools.partial(AliasRewriter, aliases=aliases)]).message(
+            SENDER, ["<Team@example.net>", "<carl@example.net>"], HEADERS, b"Hi\r\n"
+        )
+        self.assertEqual(
+            sorted(r for r, _ in result.recipients),
+            ["<ann@example.net>", "<ben@example.net>", "<carl@example.net>"],
+        )
+
+    def test_no_alias_no_change(self) -> None:
+        """Without aliases among the recipients nothing changes."""
+        result = FakeMTA([AliasRewriter]).message(SENDER, RCPT, HEADERS, b"Hi\r\n")
+        self.assertEqual(result.modifications, [])
+
+    def test_state_reset_between_messages(self) -> None:
+        """A rewrite in one message does not leak into the next."""
+        mta = FakeMTA([AliasRewriter])
+        mta.message(SENDER, ["<sales@example.com>"], HEADERS, b"Hi\r\n")
+        result = mta.message(SENDER, RCPT, HEADERS, b"Hi\r\n")
+        self.assertEqual(result.modifications, [])
+
+
+class QuarantineSenderTests(SynchronousTestCase):
+    def test_listed_domain_quarantined(self) -> None:
+        """Mail from a listed domain (or a subdomain) is held and still accepted."""
+        for sender in ("<x@suspicious.example>", "<y@mail.suspicious.example>"):
+            result = FakeMTA([QuarantineSender]).message(sender, RCPT, HEADERS, b"Hi\r\n")
+            self.assertIsNotNone(result.quarantined)
+            self.assertEqual(result.verdict, Continue())
+
+    def test_other_domain_passes(self) -> None:
+        """Mail from other domains is not held."""
+        result = FakeMTA([QuarantineSender]).message("<x@notsuspicious.example>", RCPT, HEADERS, b"Hi\r\n")
+        self.assertIsNone(result.quarantined)
+
+
+class DisclaimerTests(SynchronousTestCase):
+    def send(self, headers: list[tuple[str, str]], body: bytes) -> bytes:
+        return FakeMTA([Disclaimer]).message(SENDER, RCPT, [*HEADERS, *headers], body).body
+
+    def test_plain_text(self) -> None:
+        """A plain text body gets the footer after a signature separator."""
+        body = self.send([("Content-Type", "text/plain; charset=us-ascii")], b"Hello\r\n")
+        self.assertEqual(body, b"Hello\r\n\r\n-- \r\nThis message was checked by txmilt.\r\n")
+
+    def test_no_content_type_is_text(self) -> None:
+        """A body without Content-Type is text/plain and gets the footer."""
+        self.assertTrue(self.send([], b"Hello").endswith(b"checked by txmilt.\r\n"))
+
+    def test_base64_text(self) -> None:
+        """A base64 text body is decoded, extended and encoded again."""
+        encoded = base64.encodebytes("Grüße\r\n".encode()).replace(b"\n", b"\r\n")
+        body = self.send(
+            [("Content-Type", "text/plain; charset=utf-8"), ("Content-Transfer-Encoding", "base64")], encoded
+        )
+        self.assertIn(b"checked by txmilt", base64.b64decode(body))
+        self.assertTrue(base64.b64decode(body).startswith("Grüße".encode()))
+
+    def test_multipart_mixed_gets_part(self) -> None:
+        """A multipart/mixed body gets a new text part before the closing boundary."""
+        raw = b"--XX\r\nContent-Type: text/plain\r\n\r\nHi\r\n--XX--\r\n"
+        body = self.send([("MIME-Version", "1.0"), ("Content-Type", 'multipart/mixed; boundary="XX"')], raw)
+        message = email.message_from_bytes(
+            b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="XX"\r\n\r\n' + body,
+            policy=email.policy.default,
+        )
+        parts = [part.get_content().strip() for part in message.iter_parts()]
+        self.assertEqual(parts, ["Hi", "This message was checked by txmilt."])
+
+    def test_alternative_and_html_untouched(self) -> None:
+        """multipart/alternative and HTML bodies pass unchanged."""
+        raw = b"--B\r\nContent-Type: text/plain\r\n\r\nHi\r\n--B--\r\n"
+        self.assertEqual(self.send([("Content-Type", 'multipart/alternative; boundary="B"')], raw), raw)
+        self.assertEqual(self.send([("Content-Type", "text/html")], b"<p>Hi</p>"), b"<p>Hi</p>")
+
+    def test_oversized_body_untouched(self) -> None:
+        """A body over max_body passes unchanged."""
+        small = functools.partial(Disclaimer, max_body=10)
+        result = FakeMTA([small]).message(SENDER, RCPT, HEADERS, b"0123456789abcdef\r\n")
+        self.assertEqual(result.body, b"0123456789abcdef\r\n")
