@@ -278,7 +278,8 @@ class Requirements:
 
     ``protocol`` bits must be granted (leading space, rejected recipients);
     ``optional`` bits (events switched off, replies silenced, SKIP) are taken
-    where the MTA offers them.
+    where the MTA offers them. NO_MAIL is never granted, required or not: the
+    session needs MAIL to see where messages begin.
     """
 
     actions: Action = Action.NONE
@@ -446,23 +447,23 @@ class _Session:
         if command is None:
             raise error(f"{name} sent while no reply is owed (stage {self.stage.value})")
         if isinstance(command, Negotiate) != isinstance(response, NegotiateReply):
-            raise error(f"{name} cannot answer {type(command).__name__}")
+            raise error(f"{name} cannot answer {_describe(command)}")
         if isinstance(response, NegotiateReply | Progress | Continue | Accept | Reject | TempFail | Shutdown):
             return command
         if isinstance(response, ConnectionFail):
             raise error("CONN_FAIL ('f') is handled by no MTA and must not be sent")
         if isinstance(response, Skip):
             if not isinstance(command, BodyChunk):
-                raise error(f"SKIP can only answer BODY, not {type(command).__name__}")
+                raise error(f"SKIP can only answer BODY, not {_describe(command)}")
             if not self.protocol & ProtocolFlag.SKIP:
                 raise error("SKIP was not negotiated")
             return command
         if isinstance(response, Discard):
             if not isinstance(command, _DISCARD_COMMANDS):
-                raise error(f"DISCARD cannot answer {type(command).__name__}")
+                raise error(f"DISCARD cannot answer {_describe(command)}")
             return command
         if not isinstance(command, EndOfMessage):
-            raise error(f"{name} only allowed at end of message, not in reply to {type(command).__name__}")
+            raise error(f"{name} only allowed at end of message, not in reply to {_describe(command)}")
         needed = required_action(response)
         if not self.actions & needed:
             raise error(f"{name} needs action {needed.name}, which was not negotiated")
@@ -499,7 +500,11 @@ class MilterSession(_Session):
             self._eof = True
 
     def next_event(self) -> MilterEvent | _NeedData:
-        """The next command (or Disconnected), or NEED_DATA."""
+        """The next command (or Disconnected), or NEED_DATA.
+
+        Asking before the owed reply was sent is a LocalProtocolError, except
+        after end of stream: then the reply can no longer arrive and is dropped.
+        """
         if self._awaiting is not None:
             if not self._eof:
                 raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
@@ -596,7 +601,7 @@ class MTASession(_Session):
             raise LocalProtocolError(f"{command!r} sent while the reply to {self._awaiting!r} is owed")
         flag = NO_FLAG.get(type(command))
         if flag is not None and self.protocol & flag:
-            raise LocalProtocolError(f"the milter switched {type(command).__name__} off ({flag.name})")
+            raise LocalProtocolError(f"the milter switched {_describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
         if isinstance(command, Abort | Quit | QuitNoClose):
@@ -611,19 +616,27 @@ class MTASession(_Session):
         """The next response from the milter (or Disconnected), or NEED_DATA."""
         if self.stage is Stage.CLOSED and not self._awaiting:
             return NEED_DATA
-        frame = self._frames.next_frame()
-        if frame is None:
+        stage = self.stage
+        try:
+            frame = self._frames.next_frame()
+            response = None if frame is None else decode_response(*frame)
+        except RemoteProtocolError as e:
+            self.stage, self._awaiting = Stage.CLOSED, None
+            e.args = (f"{e} (in stage {stage.value})",)
+            raise
+        if response is None:
             if not self._eof:
                 return NEED_DATA
-            self.stage = Stage.CLOSED
-            self._awaiting = None
+            self.stage, self._awaiting = Stage.CLOSED, None
             return Disconnected(self._frames.pending > 0)
-        letter, payload = frame
         awaited = self._awaiting
-        response = decode_response(letter, payload)
-        if isinstance(response, NegotiateReply) and isinstance(awaited, Negotiate):
-            check_negotiation(awaited, response, RemoteProtocolError)
-        command = self._check_response(response, RemoteProtocolError)
+        try:
+            if isinstance(response, NegotiateReply) and isinstance(awaited, Negotiate):
+                check_negotiation(awaited, response, RemoteProtocolError)
+            command = self._check_response(response, RemoteProtocolError)
+        except RemoteProtocolError:
+            self.stage, self._awaiting = Stage.CLOSED, None
+            raise
         if isinstance(response, NegotiateReply):
             assert isinstance(command, Negotiate)
             self._set_negotiated(command, response)
