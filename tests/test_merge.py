@@ -212,7 +212,7 @@ class MergeRequirementsTests(SynchronousTestCase):
 
     @given(members)
     def test_properties(self, given_members: list[Member]) -> None:
-        """Actions are the union; an event is off iff nobody receives it; NR iff it is sent and every receiver is silent."""
+        """Actions are the union; an event is off iff nobody wants it; NR iff it is sent and all receivers agree."""
         merged = merge_requirements(given_members)
         union = Action.NONE
         for needs, _, _ in given_members:
