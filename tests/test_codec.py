@@ -655,6 +655,11 @@ class EncodeRefusalTests(SynchronousTestCase):
         self.assertRaises(LocalProtocolError, encode, Helo("\ud800"))
         self.assertRaises(LocalProtocolError, encode, AddHeader("X", "\udc41"))
 
+    def test_oversized_body_replacement(self) -> None:
+        """A REPLBODY packet over 65535 bytes is refused; split_body cuts it up."""
+        self.assertRaises(LocalProtocolError, encode, ReplaceBody(b"x" * 65536))
+        self.assertEqual(len(encode(ReplaceBody(b"x" * 65535))), 65535 + 5)
+
     def test_empty_header_name(self) -> None:
         """Headers and header changes need a name."""
         for message in (Header("", "v"), AddHeader("", "v"), InsertHeader(0, "", "v"), ChangeHeader(1, "", "")):

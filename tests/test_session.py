@@ -592,6 +592,12 @@ class MacroTests(SynchronousTestCase):
         self.assertNotIn("{client_addr}", macros)
         self.assertRaises(KeyError, lambda: macros["{x}"])
 
+    def test_duplicate_name_first_wins(self) -> None:
+        """A name sent twice in one packet keeps its first value, as libmilter finds it."""
+        session = milter()
+        feed(session, Macros("C", (("j", "first"), ("{j}", "second"))), CONNECT)
+        self.assertEqual(session.macros["j"], "first")
+
     def test_latest_stage_first(self) -> None:
         """Lookup searches EOM, EOH, DATA, RCPT, MAIL, HELO, CONNECT in that order."""
         session = milter()

@@ -17,6 +17,7 @@ from txmilt.errors import (
 )
 from txmilt.messages import (
     ENHANCED_STATUS,
+    MAX_BODY_CHUNK,
     Abort,
     Accept,
     Action,
@@ -204,6 +205,14 @@ def _enc_add_recipient(m: AddRecipient) -> bytes:
     return frame("2", payload)
 
 
+def _enc_replace_body(m: ReplaceBody) -> bytes:
+    if len(m.data) > MAX_BODY_CHUNK:
+        raise LocalProtocolError(
+            f"a REPLBODY packet carries at most {MAX_BODY_CHUNK} bytes, not {len(m.data)}; use split_body()"
+        )
+    return frame("b", m.data)
+
+
 def _enc_quarantine(m: Quarantine) -> bytes:
     if not m.reason:
         raise LocalProtocolError("a quarantine reason cannot be empty")
@@ -243,7 +252,7 @@ _ENCODERS: Mapping[type, Callable[[Any], bytes]] = {
     ChangeFrom: _enc_change_from,
     AddRecipient: _enc_add_recipient,
     DeleteRecipient: lambda m: frame("-", _z(m.address, "address")),
-    ReplaceBody: lambda m: frame("b", m.data),
+    ReplaceBody: _enc_replace_body,
 }
 
 

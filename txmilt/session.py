@@ -557,7 +557,10 @@ class MilterSession(_Session):
 
     def _store_macros(self, packet: Macros) -> None:
         if packet.command in _MACRO_LETTERS:
-            self._macros[packet.command] = {_normal_macro_name(name): value for name, value in packet.pairs}
+            values: dict[str, str] = {}
+            for name, value in packet.pairs:
+                values.setdefault(_normal_macro_name(name), value)  # libmilter finds the first of duplicates
+            self._macros[packet.command] = values
 
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
