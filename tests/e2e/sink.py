@@ -1,9 +1,9 @@
 """A tiny stdlib-only SMTP sink that records what it is sent.
 
 It listens on 127.0.0.1 (an ephemeral port by default), speaks just enough
-ESMTP for Postfix's smtp client (EHLO with 8BITMIME, SIZE, PIPELINING and
-SMTPUTF8; MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT) and keeps every accepted
-message in memory as a :class:`SinkMessage`.
+ESMTP for Postfix's smtp client (EHLO with 8BITMIME, SIZE, PIPELINING,
+SMTPUTF8 and optionally DSN; MAIL, RCPT, DATA, RSET, NOOP, VRFY, QUIT) and
+keeps every accepted message in memory as a :class:`SinkMessage`.
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ class _Handler(socketserver.StreamRequestHandler):
             self._reply(f"250-{sink.hostname} greets {self.helo}")
             self._reply("250-PIPELINING")
             self._reply(f"250-SIZE {MAX_MESSAGE_SIZE}")
+            if sink.dsn:
+                self._reply("250-DSN")
             self._reply("250-8BITMIME")
             self._reply("250 SMTPUTF8")
         elif verb == "HELO":
@@ -220,8 +222,12 @@ class SMTPSink:
     Use as a context manager, or call :meth:`start` and :meth:`stop`.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, hostname: str = "sink.test") -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, hostname: str = "sink.test", *, dsn: bool = False
+    ) -> None:
         self.hostname = hostname
+        #: Announce DSN (RFC 3461), so that Postfix passes NOTIFY, ORCPT, RET and ENVID on.
+        self.dsn = dsn
         self._address = (host, port)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None

@@ -1,0 +1,167 @@
+"""A ``twistd -n milter`` subprocess on a free loopback port, configured from Python data as TOML."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from .postfix import free_port, pid_alive
+
+__all__ = ["MilterDaemon", "MilterDaemonError", "is_listening", "to_toml"]
+
+ROOT = Path(__file__).resolve().parents[2]
+#: twistd run by this interpreter (the ``twistd`` script on PATH may belong to another Python).
+TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class MilterDaemonError(RuntimeError):
+    """The daemon did not start, or did not stop cleanly."""
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid TOML basic-string escapes
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, Sequence):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def to_toml(daemon: Mapping[str, Any], filters: Sequence[Mapping[str, Any]]) -> str:
+    """A ``twistd milter`` config file: a ``[daemon]`` table and ``[[filter]]`` tables in order."""
+    lines = ["[daemon]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in daemon.items())]
+    for table in filters:
+        lines += ["", "[[filter]]", *(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items())]
+    return "\n".join(lines) + "\n"
+
+
+def is_listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a socket listens on ``host:port``, read from /proc/net/tcp so that nothing connects."""
+    wanted = "{}:{:04X}".format("".join(f"{int(part):02X}" for part in reversed(host.split("."))), port)
+    with open("/proc/net/tcp", encoding="ascii") as fh:
+        next(fh, None)
+        return any(fields[1] == wanted and fields[3] == "0A" for fields in (line.split() for line in fh))
+
+
+class MilterDaemon:
+    """``twistd -n --pidfile= milter --config FILE`` with the given filters, listening on 127.0.0.1.
+
+    The process runs from the repository root with PYTHONPATH set to it, so
+    ``tests.e2e.filters:Editor`` and the like import. Output goes to a log file
+    (:meth:`output`). Use as a context manager, or call :meth:`start` and :meth:`stop`.
+    """
+
+    def __init__(
+        self,
+        filters: Sequence[Mapping[str, Any]],
+        daemon: Mapping[str, Any] | None = None,
+        *,
+        name: str = "milter",
+        startup_timeout: float = 20.0,
+    ) -> None:
+        self.name = name
+        self.port = free_port()
+        self.startup_timeout = startup_timeout
+        self.directory = Path(tempfile.mkdtemp(prefix=f"txmilt-e2e-{name}-"))
+        settings: dict[str, Any] = {"listen": [f"inet:{self.port}@127.0.0.1"], "drain_timeout": 2, "timeout": 20}
+        settings.update(daemon or {})
+        self.config_path = self.directory / "milter.toml"
+        self.config_path.write_text(to_toml(settings, filters), encoding="utf-8")
+        self.log_path = self.directory / "twistd.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def spec(self) -> str:
+        """The address in Postfix's notation, for ``smtpd_milters``."""
+        return f"inet:127.0.0.1:{self.port}"
+
+    def start(self) -> Self:
+        """Start twistd and wait until it listens; MilterDaemonError with its output if it does not."""
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*TWISTD, "-n", "--pidfile=", "milter", "--config", str(self.config_path)],
+                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + self.startup_timeout
+        while not is_listening(self.port):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise MilterDaemonError(
+                    f"twistd milter ({self.name}) is not listening on 127.0.0.1:{self.port}:\n{self.output()}"
+                )
+            time.sleep(0.02)
+        return self
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def output(self) -> str:
+        """Everything twistd logged so far."""
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_mark(self) -> int:
+        """An offset into :meth:`output`, to look only at what comes after it."""
+        return len(self.output())
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds; the exit status (None if never started)."""
+        process = self.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        with contextlib.suppress(ProcessLookupError):
+            if pid_alive(process.pid):
+                os.kill(process.pid, signal.SIGKILL)
+        return process.returncode
+
+    def cleanup(self) -> None:
+        """Remove the config and log directory (unless $TXMILT_E2E_KEEP is set)."""
+        if not os.environ.get("TXMILT_E2E_KEEP"):
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self.cleanup()
