@@ -1,0 +1,1 @@
+"""Benchmarks of txmilt against peer milter libraries (see README.md)."""

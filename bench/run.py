@@ -1,0 +1,884 @@
+#!/usr/bin/env python3
+"""Benchmark txmilt against peer milter libraries in one run.
+
+    python3 bench/run.py [--quick] [--runs N] [--profile] [--only NAME ...]
+
+Builds the C load driver, installs the peers into a virtualenv in the build
+directory, starts every milter, drives them with the same Postfix-like
+sessions and prints a table; the numbers also go to bench/results/latest.json.
+See bench/README.md for what each workload and column means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+PEERS = BENCH / "peers"
+DEFAULT_BUILD = Path(os.environ.get("TXMILT_BENCH_BUILD", "/tmp/txmilt-bench"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+NCPU = os.cpu_count() or 1
+IDLE_CONNECTIONS = 10_000
+
+#: pip package and import name of each peer library.
+PEER_PACKAGES: dict[str, tuple[str, str]] = {
+    "pymilter": ("pymilter", "Milter"),
+    "purepythonmilter": ("purepythonmilter", "purepythonmilter"),
+    "python-libmilter": ("python-libmilter", "libmilter"),
+    "kilter": ("kilter.service", "kilter.service"),
+}
+
+
+# ---------------------------------------------------------------- workloads
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One message shape and concurrency, as driver options."""
+
+    key: str
+    title: str
+    concurrency: int
+    per_conn: int = 1
+    headers: int = 10
+    body: int = 2048
+    rcpts: int = 1
+
+    def driver_args(self) -> list[str]:
+        """The driver options for this workload."""
+        return [
+            "--concurrency", str(self.concurrency), "--per-conn", str(self.per_conn),
+            "--headers", str(self.headers), "--body-size", str(self.body), "--rcpts", str(self.rcpts),
+        ]
+
+
+W1_C1 = Workload("W1 c=1", "2 KiB, 10 headers, 1 rcpt, one message per connection", 1)
+W1_C32 = Workload("W1 c=32", "as W1, 32 connections at once", 32)
+W2 = Workload("W2", "1 MiB bodies, 8 connections at once", 8, body=1 << 20)
+W3 = Workload("W3", "as W1, 20 messages per connection, 32 at once", 32, per_conn=20)
+W5 = Workload("W5", "as W1 c=32 through three filters", 32)
+SINGLE_WORKLOADS = (W1_C1, W1_C32, W2, W3)
+
+
+# ---------------------------------------------------------------- targets
+
+
+@dataclass
+class Target:
+    """A milter under test: one or more processes, driven as one chain in the given order."""
+
+    key: str
+    commands: list[list[str]]  # "{port}" is replaced by the process's port
+    env: dict[str, str] | None = None
+    expect_headers: int = 1
+    unavailable: str | None = None
+
+
+def txmilt_command(*filters: str) -> list[str]:
+    """``twistd -n milter`` for ``filters`` with the interpreter running this script."""
+    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "milter"]
+    for name in filters:
+        command += ["--filter", f"bench.filters:{name}"]
+    listen = ["--listen", "tcp:{port}:interface=127.0.0.1"]
+    return [*command, *listen, "--max-connections", "30000", "--drain-timeout", "1"]
+
+
+def txmilt_env() -> dict[str, str]:
+    """The environment for txmilt: the repository first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def peer_command(python: Path, script: str, header: str | None = None) -> list[str]:
+    """The command running one peer filter script."""
+    return [str(python), str(PEERS / script), "{port}", *([header] if header else [])]
+
+
+def make_targets(python: Path, unavailable: dict[str, str]) -> tuple[list[Target], list[Target]]:
+    """The single-filter targets (txmilt first) and the W5 chain targets."""
+    env = txmilt_env()
+    singles = [
+        Target("txmilt", [txmilt_command("BenchFilter")], env),
+        Target("pymilter", [peer_command(python, "pymilter_filter.py")], unavailable=unavailable.get("pymilter")),
+        Target(
+            "purepythonmilter", [peer_command(python, "purepythonmilter_filter.py")],
+            unavailable=unavailable.get("purepythonmilter"),
+        ),
+        Target(
+            "python-libmilter", [peer_command(python, "libmilter_filter.py")],
+            unavailable=unavailable.get("python-libmilter"),
+        ),
+        Target("kilter", [peer_command(python, "kilter_filter.py")], unavailable=unavailable.get("kilter")),
+    ]
+    chains = [
+        Target("txmilt chainx1", [txmilt_command("BenchFilter")], env),
+        Target("txmilt chainx3", [txmilt_command("ChainFilter1", "ChainFilter2", "ChainFilter3")], env, 3),
+        Target(
+            "pymilterx3 serial",
+            [peer_command(python, "pymilter_filter.py", f"X-Bench-{i}") for i in (1, 2, 3)],
+            expect_headers=3, unavailable=unavailable.get("pymilter"),
+        ),
+    ]
+    return singles, chains
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port (read from /proc, without connecting)."""
+    wanted = f"0100007F:{port:04X}"
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[1] == wanted and fields[3] == "0A":
+                return True
+    return False
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of a process and its waited-for children, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A numeric field of /proc/PID/status (VmRSS in kB, Threads)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def system_busy_ticks() -> int:
+    """CPU ticks spent busy on the whole machine since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+def log_tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+class Running:
+    """The processes of one target, started and listening."""
+
+    def __init__(self, target: Target, logs: Path) -> None:
+        self.target = target
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+        for number, template in enumerate(target.commands):
+            port = free_port()
+            log = logs / f"{target.key.replace(' ', '_').replace('x', 'x')}-{number}-{port}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [part.replace("{port}", str(port)) for part in template],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    env=target.env, cwd=logs, start_new_session=True,
+                )
+            self.ports.append(port)
+            self.procs.append(proc)
+            self.logs.append(log)
+        deadline = time.monotonic() + 30
+        for proc, port, log in zip(self.procs, self.ports, self.logs, strict=True):
+            while not listening(port):
+                if proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"exited with status {proc.returncode}: {log_tail(log)}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"not listening on port {port} after 30 s: {log_tail(log)}")
+                time.sleep(0.05)
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids, in chain order."""
+        return [proc.pid for proc in self.procs]
+
+    def cpu_ticks(self) -> int:
+        """CPU ticks used by all processes so far."""
+        return sum(proc_cpu_ticks(pid) for pid in self.pids)
+
+    def rss_kb(self) -> int:
+        """Resident memory of all processes, in kB."""
+        return sum(proc_status(pid, "VmRSS") for pid in self.pids)
+
+    def threads(self) -> int:
+        """Threads of all processes."""
+        return sum(proc_status(pid, "Threads") for pid in self.pids)
+
+    def dead(self) -> str | None:
+        """Why the target stopped, if it did."""
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                return f"exited with status {proc.returncode}: {log_tail(log)}"
+        return None
+
+    def stop(self) -> None:
+        """Terminate the processes (each in the session it was started in)."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# ---------------------------------------------------------------- building
+
+
+def say(message: str) -> None:
+    """Progress on stderr, so stdout is just the report."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_driver(build: Path) -> Path:
+    """Compile bench/driver.c (when it changed) and return the binary."""
+    source = BENCH / "driver.c"
+    binary = build / "driver"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        say(f"building {binary}")
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source)], check=True)
+    return binary
+
+
+def ensure_libmilter_dev() -> str | None:
+    """Install libmilter-dev (pymilter builds against it); the reason if that is impossible."""
+    if Path("/usr/include/libmilter/mfapi.h").exists():
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return "libmilter-dev is not installed (needs root and apt-get)"
+    say("installing libmilter-dev")
+
+    def apt_get(*args: str) -> subprocess.CompletedProcess[str]:
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        return subprocess.run(["apt-get", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+    install = apt_get("install", "-y", "-q", "libmilter-dev")
+    if install.returncode:
+        apt_get("update", "-q")
+        install = apt_get("install", "-y", "-q", "libmilter-dev")
+    if install.returncode:
+        return "apt-get install libmilter-dev failed: " + install.stderr.strip()[-200:]
+    return None
+
+
+def ensure_venv(build: Path, with_profiler: bool) -> tuple[Path, dict[str, str], dict[str, str]]:
+    """The peers' virtualenv python, each unavailable peer with its reason, and installed versions."""
+    venv = build / "venv"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        say(f"creating virtualenv {venv}")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    unavailable: dict[str, str] = {}
+    wanted = dict(PEER_PACKAGES)
+    if with_profiler:
+        wanted["py-spy"] = ("py-spy", "")
+    for name, (package, module) in wanted.items():
+        if module and subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0:
+            continue
+        if not module and (venv / "bin" / "py-spy").exists():
+            continue
+        if name == "pymilter":
+            reason = ensure_libmilter_dev()
+            if reason:
+                unavailable[name] = reason
+                continue
+        say(f"installing {package} into {venv}")
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", package],
+            capture_output=True, text=True,
+        )
+        if install.returncode:
+            errors = [line for line in install.stderr.splitlines() if "error" in line.lower()]
+            unavailable[name] = f"pip install {package} failed: " + " / ".join(errors[-3:])[-300:]
+            continue
+        if module:
+            check = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True, text=True)
+            if check.returncode:
+                unavailable[name] = f"import {module} fails: {check.stderr.strip().splitlines()[-1][-200:]}"
+    freeze = subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True).stdout
+    versions = dict(line.split("==", 1) for line in freeze.splitlines() if "==" in line)
+    return python, unavailable, versions
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise RLIMIT_NOFILE to its hard limit (inherited by everything started); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, needed)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@dataclass
+class Sample:
+    """One measurement of one workload against one target."""
+
+    workload: str
+    target: str
+    run: int
+    messages: int
+    errors: int
+    elapsed_s: float
+    msg_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_msg: float
+    milter_cpu_pct: float
+    driver_cpu_pct: float
+    other_cpu_pct: float
+    protocol: list[str] = field(default_factory=list)
+    error_samples: list[str] = field(default_factory=list)
+
+
+def run_driver(driver: Path, ports: Sequence[int], args: Sequence[str], timeout: float) -> dict[str, Any]:
+    """Run the driver against ``ports`` (a chain, in order) and return its JSON result."""
+    command = [str(driver), *(f"--port={port}" for port in ports), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode or not lines:
+        raise RuntimeError(f"driver failed ({done.returncode}): {done.stderr.strip()[-300:]}")
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def measure(
+    driver: Path, target: Target, running: Running, workload: Workload, run: int, duration: float,
+    extra: Sequence[str],
+) -> Sample:
+    """Drive ``running`` with ``workload`` for ``duration`` seconds; throughput, latency and CPU."""
+    args = [*workload.driver_args(), "--duration", str(duration),
+            "--expect-headers", str(target.expect_headers), *extra]
+    cpu0, busy0 = running.cpu_ticks(), system_busy_ticks()
+    result = run_driver(driver, running.ports, args, timeout=duration + 120)
+    cpu1, busy1 = running.cpu_ticks(), system_busy_ticks()
+    elapsed = result["elapsed_s"] or 1e-9
+    milter_ticks = cpu1 - cpu0
+    driver_ticks = result["driver_cpu_s"] * CLK_TCK
+    other = max(0.0, busy1 - busy0 - milter_ticks - driver_ticks)
+    messages = result["messages"]
+    return Sample(
+        workload=workload.key, target=target.key, run=run, messages=messages, errors=result["errors"],
+        elapsed_s=elapsed, msg_per_s=result["msg_per_s"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"],
+        cpu_ms_per_msg=1000.0 * milter_ticks / CLK_TCK / messages if messages else 0.0,
+        milter_cpu_pct=100.0 * milter_ticks / CLK_TCK / elapsed,
+        driver_cpu_pct=result["driver_cpu_pct"],
+        other_cpu_pct=100.0 * other / CLK_TCK / elapsed,
+        protocol=result.get("protocol", []), error_samples=result.get("error_samples", []),
+    )
+
+
+def warm_up(driver: Path, running: Running, seconds: float, extra: Sequence[str]) -> None:
+    """Exercise every code path once before measuring (imports, caches, first allocations)."""
+    expect = ["--expect-headers", str(running.target.expect_headers), *extra]
+    for workload in (W1_C1, W2, W3):
+        run_driver(driver, running.ports, [*workload.driver_args(), "--duration", str(seconds / 3), *expect], 120)
+
+
+@dataclass
+class IdleResult:
+    """W4: memory held by idle connections."""
+
+    target: str
+    run: int
+    held: int
+    wanted: int
+    seconds_to_establish: float
+    rss_before_kb: int
+    rss_after_kb: int
+    kb_per_conn: float
+    threads_after: int
+    errors: int
+    error_samples: list[str] = field(default_factory=list)
+
+
+def measure_idle(driver: Path, target: Target, logs: Path, connections: int, run: int, within: float) -> IdleResult:
+    """Start ``target`` afresh, hold ``connections`` idle sessions on it and read its RSS before and after."""
+    running = Running(target, logs)
+    try:
+        run_driver(driver, running.ports, [*W1_C1.driver_args(), "--messages", "50"], 60)
+        time.sleep(0.5)
+        before = running.rss_kb()
+        command = [str(driver), *(f"--port={p}" for p in running.ports), "--idle", str(connections),
+                   "--ready-within", str(within), "--timeout", "30"]
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdin is not None and proc.stdout is not None
+        ready = json.loads(proc.stdout.readline() or "{}")
+        time.sleep(1.0)  # let lazily made per-connection state appear
+        after, threads = running.rss_kb(), running.threads()
+        proc.stdin.close()
+        final = json.loads(proc.stdout.read().strip().splitlines()[-1])
+        proc.wait(timeout=60)
+        held = int(ready.get("ready", 0))
+        return IdleResult(
+            target=target.key, run=run, held=held, wanted=connections,
+            seconds_to_establish=float(ready.get("seconds", 0.0)), rss_before_kb=before, rss_after_kb=after,
+            kb_per_conn=(after - before) / held if held else 0.0, threads_after=threads,
+            errors=int(final.get("errors", 0)), error_samples=final.get("error_samples", []),
+        )
+    finally:
+        running.stop()
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def median(values: Sequence[float]) -> float:
+    """The median, 0 for no values."""
+    return statistics.median(values) if values else 0.0
+
+
+@dataclass
+class Summary:
+    """Medians over the runs of one workload and target."""
+
+    workload: str
+    target: str
+    runs: int
+    msg_per_s: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_msg: float
+    milter_cpu_pct: float
+    driver_cpu_pct: float
+    other_cpu_pct: float
+    errors: int
+    protocol: list[str]
+
+
+def summarise(samples: Sequence[Sample]) -> list[Summary]:
+    """Medians per (workload, target), in the order first measured."""
+    groups: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+    for sample in samples:
+        groups[sample.workload, sample.target].append(sample)
+    out = []
+    for (workload, target), group in groups.items():
+        out.append(Summary(
+            workload=workload, target=target, runs=len(group),
+            msg_per_s=median([s.msg_per_s for s in group]), p50_ms=median([s.p50_ms for s in group]),
+            p99_ms=median([s.p99_ms for s in group]), cpu_ms_per_msg=median([s.cpu_ms_per_msg for s in group]),
+            milter_cpu_pct=median([s.milter_cpu_pct for s in group]),
+            driver_cpu_pct=median([s.driver_cpu_pct for s in group]),
+            other_cpu_pct=median([s.other_cpu_pct for s in group]),
+            errors=sum(s.errors for s in group), protocol=group[0].protocol,
+        ))
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing."""
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio as ``1.23x``, or ``n/a``."""
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+@dataclass
+class Check:
+    """One target from the issue, with the measured value."""
+
+    name: str
+    value: float | None
+    goal: float
+    unit: str
+    at_most: bool = False
+
+    @property
+    def met(self) -> bool | None:
+        """Whether the goal is met (None when it could not be measured)."""
+        if self.value is None:
+            return None
+        return self.value <= self.goal if self.at_most else self.value >= self.goal
+
+    def line(self) -> str:
+        """One report line."""
+        value = "n/a" if self.value is None else f"{self.value:.2f}{self.unit}"
+        goal = f"{'≤' if self.at_most else '≥'} {self.goal:g}{self.unit}"
+        verdict = {True: "met", False: "NOT MET", None: "not measured"}[self.met]
+        return f"  {self.name:<44} {value:>10}   goal {goal:<10} {verdict}"
+
+
+def report(
+    summaries: Sequence[Summary], idle: Sequence[IdleResult], unavailable: dict[str, str],
+    out: TextIO, runs: int, duration: float, quickack: bool,
+) -> tuple[dict[str, float | None], list[Check]]:
+    """Print the tables, ratios and targets; the ratios and checks for the JSON file."""
+    by_key = {(s.workload, s.target): s for s in summaries}
+
+    def value(workload: str, target: str, attribute: str = "msg_per_s") -> float | None:
+        summary = by_key.get((workload, target))
+        if summary is None or (summary.msg_per_s == 0 and attribute == "msg_per_s"):
+            return None
+        result: float = getattr(summary, attribute)
+        return result
+
+    print(f"\nThroughput and latency (median of {runs} run(s) of {duration:g} s each)\n", file=out)
+    header = (f"{'workload':<9} {'milter':<19} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/msg':>10}"
+              f" {'milter CPU%':>11} {'drv CPU%':>8} {'other CPU%':>10} {'errors':>6}")
+    print(header, file=out)
+    print("-" * len(header), file=out)
+    previous = ""
+    for s in summaries:
+        if previous and s.workload != previous:
+            print(file=out)
+        previous = s.workload
+        print(f"{s.workload:<9} {s.target:<19} {s.msg_per_s:>8.1f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f}"
+              f" {s.cpu_ms_per_msg:>10.3f} {s.milter_cpu_pct:>11.0f} {s.driver_cpu_pct:>8.0f}"
+              f" {s.other_cpu_pct:>10.0f} {s.errors:>6}", file=out)
+    if idle:
+        w4_runs = max(i.run for i in idle) + 1
+        print(f"\nW4: idle connections (OPTNEG + CONNECT + HELO, then held; {w4_runs} run(s) each)\n", file=out)
+        header = (f"{'milter':<19} {'held':>12} {'seconds':>8} {'RSS before':>11} {'RSS after':>10}"
+                  f" {'kB/conn':>8} {'threads':>8} {'errors':>6}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        for i in idle:
+            print(f"{i.target:<19} {f'{i.held}/{i.wanted}':>12} {i.seconds_to_establish:>8.1f}"
+                  f" {i.rss_before_kb / 1024:>8.1f} MB {i.rss_after_kb / 1024:>7.1f} MB {i.kb_per_conn:>8.2f}"
+                  f" {i.threads_after:>8} {i.errors:>6}", file=out)
+    if unavailable:
+        print("\nUnavailable peers", file=out)
+        for name, reason in unavailable.items():
+            print(f"  {name}: unavailable: {reason}", file=out)
+
+    idle_txmilt = [i for i in idle if i.target == "txmilt" and i.held]
+    rss_per_conn = median([i.kb_per_conn for i in idle_txmilt]) if idle_txmilt else None
+    held = min((i.held for i in idle_txmilt), default=0)
+    ratios: dict[str, float | None] = {
+        "W1 c=32 txmilt/pymilter msg/s": ratio(value("W1 c=32", "txmilt"), value("W1 c=32", "pymilter")),
+        "W2 txmilt/pymilter msg/s": ratio(value("W2", "txmilt"), value("W2", "pymilter")),
+        "W3 txmilt/pymilter msg/s": ratio(value("W3", "txmilt"), value("W3", "pymilter")),
+        "W5 chain3/chain1 msg/s": ratio(value("W5", "txmilt chainx3"), value("W5", "txmilt chainx1")),
+        "W5 chain3/pymilterx3 msg/s": ratio(value("W5", "txmilt chainx3"), value("W5", "pymilterx3 serial")),
+        "W1 c=32 txmilt CPU ms/msg": value("W1 c=32", "txmilt", "cpu_ms_per_msg"),
+        "W1 c=32 pymilter CPU ms/msg": value("W1 c=32", "pymilter", "cpu_ms_per_msg"),
+        "W4 txmilt kB RSS per idle connection": rss_per_conn,
+    }
+    print("\nRatios", file=out)
+    print(f"  txmilt / pymilter msg/s:   W1 c=32 {fmt_ratio(ratios['W1 c=32 txmilt/pymilter msg/s'])}"
+          f"   W2 {fmt_ratio(ratios['W2 txmilt/pymilter msg/s'])}"
+          f"   W3 {fmt_ratio(ratios['W3 txmilt/pymilter msg/s'])}", file=out)
+    print(f"  W5 msg/s:                  chainx3 / chainx1 {fmt_ratio(ratios['W5 chain3/chain1 msg/s'])}"
+          f"   chainx3 / pymilterx3 {fmt_ratio(ratios['W5 chain3/pymilterx3 msg/s'])}", file=out)
+    cpu_t, cpu_p = ratios["W1 c=32 txmilt CPU ms/msg"], ratios["W1 c=32 pymilter CPU ms/msg"]
+    print(f"  CPU per message at W1 c=32: txmilt {'n/a' if cpu_t is None else f'{cpu_t:.3f} ms'}"
+          f"   pymilter {'n/a' if cpu_p is None else f'{cpu_p:.3f} ms'}", file=out)
+    print(f"  W4 RSS per idle connection: txmilt {'n/a' if rss_per_conn is None else f'{rss_per_conn:.2f} kB'}"
+          f" with {held} held", file=out)
+
+    checks = [
+        Check("W1 c=32 txmilt msg/s vs pymilter", ratios["W1 c=32 txmilt/pymilter msg/s"], 1.2, "x"),
+        Check("W1 c=32 txmilt CPU per message", cpu_t, 0.6, " ms", at_most=True),
+        Check("W2 txmilt msg/s vs pymilter", ratios["W2 txmilt/pymilter msg/s"], 0.9, "x"),
+        Check("W3 txmilt msg/s vs pymilter", ratios["W3 txmilt/pymilter msg/s"], 1.0, "x"),
+        Check(f"W4 txmilt RSS per idle connection ({held} held)",
+              rss_per_conn if held >= IDLE_CONNECTIONS else None, 4.0, " kB", at_most=True),
+        Check("W5 chainx3 msg/s vs chainx1", ratios["W5 chain3/chain1 msg/s"], 0.8, "x"),
+        Check("W5 chainx3 msg/s vs pymilterx3", ratios["W5 chain3/pymilterx3 msg/s"], 2.0, "x"),
+    ]
+    print("\nTargets", file=out)
+    for check in checks:
+        print(check.line(), file=out)
+    if held and held < IDLE_CONNECTIONS:
+        print(f"  (W4: only {held} of {IDLE_CONNECTIONS} idle connections were held; the W4 goal needs"
+              f" {IDLE_CONNECTIONS})", file=out)
+    notes = []
+    if not quickack:
+        notes.append("pymilter and python-libmilter write ADDHEADER and CONTINUE in two writes without TCP_NODELAY;"
+                     " with delayed ACKs on (as in Postfix) each message waits ~40 ms for an ACK, which bounds"
+                     " their msg/s. --quickack takes that stall out (see bench/README.md).")
+    busiest = max((s.other_cpu_pct for s in summaries), default=0.0)
+    if busiest > 25:
+        notes.append(f"Other work used up to {busiest:.0f}% of a core during the measurements"
+                     f" ({NCPU} cores here): absolute numbers are noisy.")
+    if notes:
+        print("\nNotes", file=out)
+        for note in notes:
+            print(f"  - {note}", file=out)
+    return ratios, checks
+
+
+# ---------------------------------------------------------------- profiling
+
+
+#: Where the time goes, by the frame that stands for each part (inclusive time).
+BREAKDOWN = (
+    ("txmilt handling commands (MilterProtocol.dataReceived)", "MilterProtocol.dataReceived "),
+    ("  of which the sans-IO session (MilterSession.next_event)", "MilterSession.next_event "),
+    ("  of which the chain and filter (Chain.handle)", "Chain.handle "),
+    ("queueing writes (transport.write: epoll_ctl to watch for writability)", "FileDescriptor.write "),
+    ("sending (FileDescriptor.doWrite: send(), then epoll_ctl to stop watching)", "FileDescriptor.doWrite "),
+    ("accepting connections (Port.doRead)", "Port.doRead "),
+    ("closing connections (Connection.connectionLost)", "Connection.connectionLost "),
+    ("logging (Logger.emit)", "Logger.emit "),
+)
+
+
+def folded_summary(path: Path, top: int) -> dict[str, Any]:
+    """Self and inclusive sample counts per function from py-spy's raw (folded) output."""
+    own: dict[str, int] = defaultdict(int)
+    inclusive: dict[str, int] = defaultdict(int)
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [frame for frame in stack.split(";") if not frame.startswith("process ")]
+        if not frames or frames[-1].startswith("EPollReactor.doPoll "):
+            continue  # waiting in epoll: idle, not work
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def ranked(table: dict[str, int]) -> list[dict[str, Any]]:
+        rows = sorted(table.items(), key=lambda item: -item[1])[:top]
+        return [{"function": name, "samples": n, "percent": 100.0 * n / total if total else 0.0} for name, n in rows]
+
+    groups: dict[str, int] = defaultdict(int)
+    for frame, count in own.items():
+        location = frame.rpartition("(")[2]
+        group = ("txmilt" if "txmilt/" in location else "twisted" if "twisted/" in location
+                 else "bench filter" if "bench/" in location else "other (stdlib, zope, ...)")
+        groups[group] += count
+    ours = {frame: n for frame, n in inclusive.items() if "txmilt/" in frame or "bench/" in frame}
+    breakdown = {}
+    for label, prefix in BREAKDOWN:
+        n = max((count for frame, count in inclusive.items() if frame.startswith(prefix)), default=0)
+        breakdown[label] = 100.0 * n / total if total else 0.0
+    return {
+        "samples": total,
+        "self": ranked(own),
+        "inclusive": ranked(ours),
+        "breakdown": breakdown,
+        "self_by_package": {
+            g: 100.0 * n / total if total else 0.0 for g, n in sorted(groups.items(), key=lambda i: -i[1])
+        },
+    }
+
+
+def profile(driver: Path, build: Path, python: Path, seconds: float, extra: Sequence[str]) -> int:
+    """Profile txmilt under W1 c=32 with py-spy; write the flame graph and print the hottest functions."""
+    py_spy = python.parent / "py-spy"
+    logs = build / "logs"
+    logs.mkdir(exist_ok=True)
+    target = Target("txmilt", [txmilt_command("BenchFilter")], txmilt_env())
+    running = Running(target, logs)
+    raw = RESULTS / "profile.txt"
+    svg = RESULTS / "profile.svg"
+    try:
+        warm_up(driver, running, 1.5, extra)
+        svg_seconds = max(3.0, seconds / 2)
+        command = [str(driver), *(f"--port={p}" for p in running.ports), *W1_C32.driver_args(),
+                   "--duration", str(seconds + svg_seconds + 3), *extra]
+        load = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        time.sleep(1)
+        pid = str(running.pids[0])
+        say(f"py-spy: sampling txmilt (pid {pid}) for {seconds:g} s")
+        subprocess.run([str(py_spy), "record", "--pid", pid, "--duration", str(int(seconds)), "--format", "raw",
+                        "--function", "--output", str(raw)], check=True, capture_output=True)
+        say(f"py-spy: flame graph for {svg_seconds:g} s")
+        subprocess.run([str(py_spy), "record", "--pid", pid, "--duration", str(int(svg_seconds)),
+                        "--function", "--output", str(svg)], check=True, capture_output=True)
+        out, _ = load.communicate(timeout=seconds + svg_seconds + 120)
+        result = json.loads(out.strip().splitlines()[-1])
+    finally:
+        running.stop()
+    summary = folded_summary(raw, 25)
+    summary["load"] = result
+    (RESULTS / "profile.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+    print(f"\ntxmilt under W1 c=32 with py-spy: {result['msg_per_s']:.0f} msg/s while sampled,"
+          f" {summary['samples']} samples (idle time in epoll excluded)\n")
+    print("self time by package: " + ", ".join(f"{g} {p:.0f}%" for g, p in summary["self_by_package"].items()))
+    print("\nwhere the time goes (inclusive)")
+    for label, percent in summary["breakdown"].items():
+        print(f"  {percent:5.1f}%  {label}")
+    for title, key in (("self time", "self"), ("inclusive time, txmilt and the filter", "inclusive")):
+        print(f"\ntop functions by {title}")
+        for row in summary[key][:20]:
+            print(f"  {row['percent']:5.1f}%  {row['function']}")
+    written = ", ".join(str(p.relative_to(ROOT)) for p in (svg, raw, RESULTS / "profile.json"))
+    print(f"\nwrote {written}")
+    return 0
+
+
+# ---------------------------------------------------------------- main
+
+
+def interleaved(
+    runs: int, singles: Sequence[Target], chains: Sequence[Target]
+) -> Iterator[tuple[int, Workload, Target]]:
+    """Run r of every workload against every target, then run r + 1: noise hits every milter alike."""
+    for run in range(runs):
+        for workload in SINGLE_WORKLOADS:
+            for target in singles:
+                yield run, workload, target
+        for target in chains:
+            yield run, W5, target
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one short run of everything (about 3 minutes)")
+    parser.add_argument("--runs", type=int, help="runs per measurement, medians reported (default 3, quick 1)")
+    parser.add_argument("--duration", type=float, help="seconds per measurement (default 6, quick 2)")
+    parser.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS, help="W4 connections")
+    parser.add_argument("--w4-runs", type=int, default=1, help="W4 repetitions per milter (default 1)")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="milters to run (txmilt is always run)")
+    parser.add_argument("--skip-w4", action="store_true", help="leave out the idle-connection workload")
+    parser.add_argument("--quickack", action="store_true",
+                        help="driver acknowledges every read at once (removes the Nagle/delayed-ACK stall)")
+    parser.add_argument("--profile", action="store_true", help="only profile txmilt at W1 c=32 with py-spy")
+    parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD, help=f"default {DEFAULT_BUILD}")
+    options = parser.parse_args(argv)
+    runs = options.runs or (1 if options.quick else 3)
+    duration = options.duration or (2.0 if options.quick else 6.0)
+    extra = ["--quickack"] if options.quickack else []
+    started = time.monotonic()
+
+    build: Path = options.build_dir
+    logs = build / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(exist_ok=True)
+    fd_limit = raise_fd_limit(2 * options.idle_connections + 200)
+    driver = build_driver(build)
+    python, unavailable, versions = ensure_venv(build, with_profiler=options.profile)
+    if options.profile:
+        return profile(driver, build, python, 10.0 if options.quick else 20.0, extra)
+
+    singles, chains = make_targets(python, unavailable)
+    if options.only:
+        keep = {"txmilt", *options.only}
+        singles = [t for t in singles if t.key in keep]
+        chains = [t for t in chains if "txmilt" in t.key or "pymilter" in keep]
+    for target in (*singles, *chains):
+        if target.unavailable:
+            unavailable.setdefault(target.key, target.unavailable)
+
+    running: dict[str, Running] = {}
+    samples: list[Sample] = []
+    try:
+        for target in (*singles, *chains):
+            if target.unavailable:
+                continue
+            key = "txmilt" if target.key == "txmilt chainx1" else target.key
+            if key in running:
+                running[target.key] = running[key]
+                continue
+            say(f"starting {target.key}")
+            try:
+                running[target.key] = Running(target, logs)
+                warm_up(driver, running[target.key], 1.0 if options.quick else 3.0, extra)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                unavailable[target.key] = str(e)
+                running.pop(target.key, None)
+        plan = [(r, w, t) for r, w, t in interleaved(runs, singles, chains) if t.key in running]
+        for number, (run, workload, target) in enumerate(plan, 1):
+            instance = running[target.key]
+            reason = instance.dead()
+            if reason:
+                unavailable.setdefault(target.key, reason)
+                continue
+            say(f"[{number}/{len(plan)}] run {run + 1}: {workload.key} {target.key}")
+            try:
+                sample = measure(driver, target, instance, workload, run, duration, extra)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                unavailable.setdefault(target.key, f"{workload.key}: {e}")
+                continue
+            if sample.errors:
+                say(f"    {sample.errors} errors, e.g. {sample.error_samples[:2]}")
+            samples.append(sample)
+    finally:
+        for instance in {id(r): r for r in running.values()}.values():
+            instance.stop()
+
+    idle: list[IdleResult] = []
+    if not options.skip_w4:
+        connections = min(options.idle_connections, max(0, fd_limit - 200))
+        within = 45.0 if options.quick else 120.0
+        for run in range(options.w4_runs):
+            for target in singles:
+                if target.key not in running or target.key in unavailable:
+                    continue
+                say(f"W4 run {run + 1}: {connections} idle connections on {target.key}")
+                try:
+                    idle.append(measure_idle(driver, target, logs, connections, run, within))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+                    say(f"    W4 failed on {target.key}: {e}")
+
+    summaries = summarise(samples)
+    ratios, checks = report(summaries, idle, unavailable, sys.stdout, runs, duration, options.quickack)
+    wall = time.monotonic() - started
+    print(f"\nwall time {wall / 60:.1f} min; results in {(RESULTS / 'latest.json').relative_to(ROOT)}")
+    document = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "options": {"runs": runs, "duration_s": duration, "quick": options.quick, "quickack": options.quickack,
+                    "idle_connections": options.idle_connections},
+        "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": NCPU,
+                    "fd_limit": fd_limit, "peer_versions": versions},
+        "workloads": {w.key: asdict(w) for w in (*SINGLE_WORKLOADS, W5)},
+        "summary": [asdict(s) for s in summaries],
+        "idle": [asdict(i) for i in idle],
+        "ratios": ratios,
+        "targets": [{"name": c.name, "value": c.value, "goal": c.goal, "at_most": c.at_most, "met": c.met}
+                    for c in checks],
+        "unavailable": unavailable,
+        "samples": [asdict(s) for s in samples],
+        "wall_time_s": wall,
+    }
+    (RESULTS / "latest.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
