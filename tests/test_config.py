@@ -114,7 +114,12 @@ class ParseConfigTests(ConfigTestCase):
             metrics = "inet:9108@127.0.0.1"
             frame_limit = 65536
             idle_timeout = 60
+            negotiation_timeout = 4
             max_connections = 10
+            max_headers = 100
+            max_header_bytes = 20000
+            max_body_size = 1000000
+            body_spool_threshold = 0
             drain_timeout = 2.5
             progress_interval = 5
             socket_group = "postfix"
@@ -131,7 +136,12 @@ class ParseConfigTests(ConfigTestCase):
                 metrics="tcp:9108:interface=127.0.0.1",
                 frame_limit=65536,
                 idle_timeout=60.0,
+                negotiation_timeout=4.0,
                 max_connections=10,
+                max_headers=100,
+                max_header_bytes=20000,
+                max_body_size=1000000,
+                body_spool_threshold=0,
                 drain_timeout=2.5,
                 progress_interval=5.0,
                 socket_group="postfix",
@@ -225,7 +235,8 @@ class ConfigErrorTests(ConfigTestCase):
         """A misspelt [daemon] key is refused, listing the known keys."""
         self.assert_refused(
             '[daemon]\nlisten_on = ["inet:8891"]\n' + STAMP,
-            "config [daemon]: unknown key 'listen_on'", "known keys are drain_timeout, fallback, frame_limit",
+            "config [daemon]: unknown key 'listen_on'",
+            "known keys are body_spool_threshold, drain_timeout, fallback, frame_limit",
         )
 
     def test_unknown_filter_key(self) -> None:
@@ -388,6 +399,24 @@ class ConfigErrorTests(ConfigTestCase):
     def test_zero_max_connections(self) -> None:
         """max_connections 0 is refused."""
         self.assert_refused("[daemon]\nmax_connections = 0\n" + STAMP, "max_connections must be at least 1")
+
+    def test_negative_limits(self) -> None:
+        """The per-message limits and the negotiation timeout may be 0 (off), never negative."""
+        for key in ("negotiation_timeout", "max_headers", "max_header_bytes", "max_body_size",
+                    "body_spool_threshold"):
+            self.assert_refused(f"[daemon]\n{key} = -1\n" + STAMP, f"{key} must not be negative")
+            self.assertEqual(getattr(check_config(parse(f"[daemon]\n{key} = 0\n" + STAMP)), key), 0)
+
+    def test_limits_are_whole_numbers(self) -> None:
+        """Byte and count limits take integers."""
+        self.assert_refused("[daemon]\nmax_headers = 1.5\n" + STAMP, "max_headers = 1.5 has the wrong type")
+
+    def test_world_writable_socket(self) -> None:
+        """A unix socket mode that lets every user connect is refused."""
+        self.assert_refused(
+            '[daemon]\nlisten = ["unix:/run/txmilt.sock:mode=666"]\n' + STAMP,
+            "mode 666 makes the socket world-writable",
+        )
 
 
 class ReadConfigTests(SynchronousTestCase):

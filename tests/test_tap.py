@@ -22,8 +22,11 @@ from twisted.web.server import Site
 
 from examples.header_stamp import HeaderStamp
 from examples.word_rejecter import WordRejecter
+from tests.test_protocol import LogCapture
+from txmilt.codec import encode
 from txmilt.config import DEFAULT_LISTEN, DaemonConfig
-from txmilt.messages import Accept, Continue, Reject, TempFail
+from txmilt.errors import ConfigurationError
+from txmilt.messages import Accept, Continue, Negotiate, Reject, TempFail
 from txmilt.protocol import MilterFactory, MilterProtocol
 from txmilt.tap import DrainService, Options, UnixSocketService, makeService
 
@@ -107,14 +110,17 @@ class OptionsTests(TempDirMixin):
         config = parsed(
             "--filter", STAMP, "--metrics", "inet:9108@127.0.0.1", "--frame-limit", "4096", "--idle-timeout", "9.5",
             "--max-connections", "3", "--drain-timeout", "0", "--progress-interval", "2", "--timeout", "4",
-            "--fallback", "continue", "--socket-group", group,
+            "--fallback", "continue", "--socket-group", group, "--negotiation-timeout", "1.5",
+            "--max-headers", "10", "--max-header-bytes", "2000", "--max-body-size", "30000",
+            "--body-spool-threshold", "500",
         )
         self.assertEqual(
             config,
             DaemonConfig(
                 listen=(DEFAULT_LISTEN,), filters=config.filters, metrics="tcp:9108:interface=127.0.0.1",
                 frame_limit=4096, idle_timeout=9.5, max_connections=3, drain_timeout=0.0, progress_interval=2.0,
-                socket_group=group, default_timeout=4.0, default_fallback="continue",
+                socket_group=group, default_timeout=4.0, default_fallback="continue", negotiation_timeout=1.5,
+                max_headers=10, max_header_bytes=2000, max_body_size=30000, body_spool_threshold=500,
             ),
         )
         (spec,) = config.filters
@@ -295,6 +301,24 @@ class OptionErrorTests(TempDirMixin):
         server.listen(1)
         self.assert_usage_error(["--listen", f"unix:{path}", "-f", STAMP], "in use by another process")
 
+    def test_world_writable_socket(self) -> None:
+        """--listen with a world-writable mode is refused, and nothing is created."""
+        path = os.path.join(self.directory, "milter.sock")
+        for mode in ("666", "777", "0662"):
+            self.assert_usage_error(
+                ["--listen", f"unix:{path}:mode={mode}", "-f", STAMP], "world-writable", "socket_group"
+            )
+        self.assertFalse(os.path.exists(path))
+
+    def test_bad_socket_mode(self) -> None:
+        """A mode that is not octal is refused."""
+        path = os.path.join(self.directory, "milter.sock")
+        self.assert_usage_error(["--listen", f"local:{path}:mode=rw", "-f", STAMP], "not an octal file mode")
+
+    def test_negative_limit(self) -> None:
+        """A negative limit on the command line is refused."""
+        self.assert_usage_error(["--max-headers", "-1", "-f", STAMP], "max_headers must not be negative")
+
     def test_unknown_option(self) -> None:
         """An unknown option is refused."""
         self.assert_usage_error(["--filters", STAMP], "filters")
@@ -332,7 +356,8 @@ class MakeServiceTests(TempDirMixin):
         top = self.service(
             "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{sock}", "--filter", STAMP,
             "--drain-timeout", "7", "--frame-limit", "4096", "--idle-timeout", "30", "--max-connections", "5",
-            "--progress-interval", "2",
+            "--progress-interval", "2", "--negotiation-timeout", "3", "--max-headers", "11",
+            "--max-header-bytes", "999", "--max-body-size", "77", "--body-spool-threshold", "66",
         )
         listeners = self.listeners(top)
         self.assertEqual(len(listeners), 2)
@@ -341,6 +366,11 @@ class MakeServiceTests(TempDirMixin):
         self.assertEqual(
             (factory.frame_limit, factory.idle_timeout, factory.max_connections, factory.progress_interval),
             (4096, 30.0, 5, 2.0),
+        )
+        self.assertEqual(
+            (factory.negotiation_timeout, factory.max_headers, factory.max_header_bytes, factory.max_body_size,
+             factory.body_spool_threshold),
+            (3.0, 11, 999, 77, 66),
         )
         self.assertIsNone(factory.observer)
         (drain,) = [child for child in top if isinstance(child, DrainService)]
@@ -405,6 +435,38 @@ class UnixSocketServiceTests(TempDirMixin):
         self.assertEqual(os.stat(path).st_gid, before.st_gid)
 
 
+class UnixSocketSafetyTests(TempDirMixin):
+    """UnixSocketService never leaves a world-writable socket, and touches only sockets."""
+
+    def test_world_writable_socket_tightened(self) -> None:
+        """A socket that ended up world-writable loses the access of other users, with a warning."""
+        path = os.path.join(self.directory, "milter.sock")
+        sock = socket.socket(socket.AF_UNIX)
+        self.addCleanup(sock.close)
+        sock.bind(path)
+        os.chmod(path, 0o666)
+        logs = LogCapture(self)
+        UnixSocketService(path, None).privilegedStartService()
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o660)
+        self.assertEqual(len(logs.matching("was world-writable")), 1)
+
+    def test_not_a_socket(self) -> None:
+        """If the path is no longer a socket after listening, nothing is changed and startup fails."""
+        path = self.write("milter.sock", "data")
+        os.chmod(path, 0o644)
+        self.assertRaises(ConfigurationError, UnixSocketService(path, "root").privilegedStartService)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o644)
+
+    def test_symlink_not_followed(self) -> None:
+        """A symbolic link put in the socket's place is not followed to its target."""
+        target = self.write("target", "data")
+        before = os.stat(target)
+        path = os.path.join(self.directory, "milter.sock")
+        os.symlink(target, path)
+        self.assertRaises(ConfigurationError, UnixSocketService(path, "root").privilegedStartService)
+        self.assertEqual(os.stat(target), before)
+
+
 class DrainServiceTests(SynchronousTestCase):
     """DrainService lets open connections finish, up to a deadline, on stop."""
 
@@ -417,6 +479,7 @@ class DrainServiceTests(SynchronousTestCase):
         assert isinstance(protocol, MilterProtocol)
         transport = StringTransport()
         protocol.makeConnection(transport)
+        protocol.dataReceived(encode(Negotiate()))  # an MTA negotiates at once
         return protocol, transport
 
     def drain(self, timeout: float) -> DrainService:

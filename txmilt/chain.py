@@ -8,9 +8,11 @@ chain rules 1-7). ``merge_verdicts`` and ``merge_changes`` are pure functions.
 from __future__ import annotations
 
 import inspect
+import io
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeAlias
+from typing import IO, Any, Protocol, TypeAlias
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -30,6 +32,7 @@ from txmilt.messages import (
     Connect,
     Continue,
     Discard,
+    EndOfHeaders,
     EndOfMessage,
     Header,
     Helo,
@@ -54,7 +57,16 @@ from txmilt.messages import (
 from txmilt.messages import ChangeHeader as _ChangeHeader
 from txmilt.messages import Quarantine as _Quarantine
 from txmilt.milter import CALLBACKS, FILTER_VERDICTS, Changes, FilterVerdict, overrides
-from txmilt.session import NO_FLAG, NO_REPLY_FLAG, TRACKING_EVENTS, Disconnected, MacroView, Requirements, negotiate
+from txmilt.session import (
+    NO_FLAG,
+    NO_REPLY_FLAG,
+    TRACKING_EVENTS,
+    Disconnected,
+    LimitExceeded,
+    MacroView,
+    Requirements,
+    negotiate,
+)
 
 #: What the chain hands back for one command: the packets to send, now or later.
 Outcome: TypeAlias = "Sequence[Response] | Deferred[Sequence[Response]]"
@@ -66,6 +78,19 @@ _CONNECTION_LEVEL = (Connect, Helo)
 _MESSAGE_SURVIVES = (Connect, Helo, RcptTo, Unknown)
 _HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
 _CONTINUE = Continue()
+# Commands of the message content: after a per-message limit is passed, these get the refusal.
+_CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
+
+#: Default largest body a ``whole_body`` filter may buffer; above it the filter gets its fallback.
+DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
+#: Default bytes of a buffered body kept in memory before it is spooled to a temporary file.
+DEFAULT_BODY_SPOOL_THRESHOLD = 1024 * 1024
+
+#: The answer to a message over a per-message limit, by what was counted.
+OVER_LIMIT_REPLIES = {
+    "headers": TempFail("Message has too many headers", code=452, status="4.3.1"),
+    "header bytes": TempFail("Message header section is too large", code=452, status="4.3.1"),
+}
 
 
 class ChainObserver(Protocol):
@@ -81,7 +106,7 @@ class ChainObserver(Protocol):
         """A filter took ``seconds`` to answer at ``stage``."""
 
     def failure(self, filter_name: str, stage: str, kind: str) -> None:
-        """A filter failed at ``stage``: ``kind`` is "timeout", "error" or "bad-verdict"."""
+        """A filter failed at ``stage``: ``kind`` is "timeout", "error", "bad-verdict" or "body" (too large)."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +153,11 @@ def _filter_requirements(milter: IMilter) -> tuple[Requirements, frozenset[type]
     silent = frozenset(
         command for command in receives if CALLBACKS[command] in getattr(milter, "no_reply", frozenset())
     )
+    if getattr(milter, "whole_body", False):
+        # The chain buffers the body for it: it needs the chunks, but answers none of them itself.
+        if BodyChunk not in receives:
+            silent |= {BodyChunk}
+        receives |= {BodyChunk}
     protocol = ProtocolFlag.NONE
     if getattr(milter, "leading_space", False):
         protocol |= ProtocolFlag.HEADER_LEADING_SPACE
@@ -306,6 +336,9 @@ class _Member:
 
     __slots__ = (
         "add_space",
+        "body_size",
+        "body_trouble",
+        "calls_body",
         "closed",
         "failed",
         "in_message",
@@ -318,7 +351,9 @@ class _Member:
         "silent",
         "skipping",
         "spec",
+        "spool",
         "strip_space",
+        "whole_body",
     )
 
     def __init__(self, spec: FilterSpec) -> None:
@@ -326,6 +361,11 @@ class _Member:
         self.milter = spec.factory()
         self.needs, self.receives, self.silent = _filter_requirements(self.milter)
         self.no_reply = frozenset(getattr(self.milter, "no_reply", ()))
+        self.whole_body = bool(getattr(self.milter, "whole_body", False))
+        self.calls_body = overrides(self.milter, "body")
+        self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
+        self.body_size = 0
+        self.body_trouble: str | None = None  # why the buffered body was given up
         self.strip_space = False
         self.add_space = False
         self.retired = False
@@ -338,6 +378,21 @@ class _Member:
     @property
     def active(self) -> bool:
         return not (self.retired or self.retired_for_connection)
+
+    def drop_body(self) -> None:
+        """Forget the buffered body (and the file the filter was shown)."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        self.body_size = 0
+        self.body_trouble = None
+        if self.whole_body:
+            self.show_body(None)
+
+    def show_body(self, body: IO[bytes] | None) -> None:
+        """Set the whole_body filter's ``body_file``."""
+        milter: Any = self.milter
+        milter.body_file = body
 
 
 _PENDING: Any = object()
@@ -357,8 +412,12 @@ class Chain:
         progress_interval: float = 10.0,
         send_progress: Callable[[], None] | None = None,
         observer: ChainObserver | None = None,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
     ) -> None:
         self._specs = tuple(as_spec(spec) for spec in filters)
+        self._max_body_size = max_body_size
+        self._spool_threshold = body_spool_threshold
         self._clock = clock
         self.connection_id = connection_id
         self._progress_interval = progress_interval
@@ -371,6 +430,7 @@ class Chain:
         self._in_flight: Deferred[Any] | None = None
         self._progress_call: IDelayedCall | None = None
         self._closed = False
+        self._refused_over_limit = False
 
     # -- negotiation
 
@@ -411,8 +471,16 @@ class Chain:
 
     # -- dispatch
 
-    def handle(self, command: Command | Disconnected, macros: MacroView) -> Outcome:
-        """Run ``command`` through the chain; the responses to send (empty for none)."""
+    def handle(
+        self, command: Command | Disconnected, macros: MacroView, over_limit: LimitExceeded | None = None
+    ) -> Outcome:
+        """Run ``command`` through the chain; the responses to send (empty for none).
+
+        ``over_limit`` (from the session) means the message went over a limit:
+        its content no longer reaches the filters, and is answered TempFail.
+        """
+        if over_limit is not None and isinstance(command, _CONTENT):
+            return self._over_limit(over_limit)
         if isinstance(command, Abort):
             return self._after(self._abort(self._members), ())
         if isinstance(command, Quit | Disconnected | QuitNoClose):
@@ -431,12 +499,28 @@ class Chain:
             return self._end_of_message(command, macros)
         return self._dispatch(command, macros)
 
+    def _over_limit(self, limit: LimitExceeded) -> Outcome:
+        """Answer content past a per-message limit; the first time, log it and abort the filters."""
+        answer = OVER_LIMIT_REPLIES.get(limit.what, TempFail())
+        if self._refused_over_limit:
+            return (answer,)
+        self._refused_over_limit = True
+        self.log.warn(
+            "[{conn}] message over a limit ({limit}); no more of it goes to the filters, answering {answer!r}",
+            conn=self.connection_id, limit=str(limit), answer=answer,
+        )
+        return self._after(self._abort(self._members), (answer,))
+
     def _dispatch(self, command: Command, macros: MacroView) -> Outcome:
         kind = type(command)
         stage = CALLBACKS[kind]
         targets = [m for m in self._members if m.active and kind in m.receives]
-        if kind is BodyChunk:
+        if isinstance(command, BodyChunk):
             targets = [m for m in targets if not m.skipping]
+            for member in targets:
+                if member.whole_body:
+                    self._buffer(member, command.data)
+            targets = [m for m in targets if m.calls_body]
         elif kind is RcptTo and macros.get("rcpt_mailer") == "error":
             targets = [m for m in targets if m.needs.protocol & ProtocolFlag.RCPT_REJECTED]
         results: list[Any] = []
@@ -449,6 +533,34 @@ class Chain:
         if isinstance(gathered, Deferred):
             return self._track(gathered.addCallback(lambda verdicts: self._decide(command, targets, verdicts)))
         return self._decide(command, targets, gathered)
+
+    def _buffer(self, member: _Member, data: bytes) -> None:
+        """Keep a body chunk for a whole_body filter, in memory, then in a temporary file."""
+        if member.body_trouble is not None:
+            return
+        size = member.body_size + len(data)
+        if self._max_body_size and size > self._max_body_size:
+            self._give_up_body(member, f"the body is over max_body_size ({self._max_body_size} bytes)")
+            return
+        try:
+            if member.spool is None:
+                member.spool = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)  # noqa: SIM115
+                if not self._spool_threshold:
+                    member.spool.rollover()
+            member.spool.write(data)
+        except OSError as e:
+            self._give_up_body(member, f"the body cannot be spooled ({e})")
+            return
+        member.body_size = size
+
+    def _give_up_body(self, member: _Member, trouble: str) -> None:
+        """Stop buffering for ``member``, which then gets its fallback at end of message."""
+        member.drop_body()
+        member.body_trouble = trouble
+        self.log.error(
+            "[{conn}] filter {filter}: {trouble}; it gets its fallback {fallback!r} at end of message",
+            conn=self.connection_id, filter=member.spec.name, trouble=trouble, fallback=member.spec.fallback,
+        )
 
     def _invoke(
         self, member: _Member, stage: str, argument: object, macros: MacroView
@@ -680,21 +792,26 @@ class Chain:
 
     def _begin_message(self) -> None:
         self._headers = []
+        self._refused_over_limit = False
         for member in self._members:
             member.retired = member.skipping = False
             member.in_message = not member.retired_for_connection
+            if member.whole_body:
+                member.drop_body()
 
     def _end_message(self) -> None:
         self._headers = []
         for member in self._members:
             member.retired = member.skipping = member.in_message = False
+            if member.whole_body:
+                member.drop_body()
 
     def _end_of_message(self, command: EndOfMessage, macros: MacroView) -> Outcome:
         if command.data:
             chunk = self._dispatch(BodyChunk(command.data), macros)
 
             def then(responses: Sequence[Response]) -> Outcome:
-                if not responses or isinstance(responses[0], _REFUSALS | Accept):
+                if not responses or isinstance(responses[0], (*_REFUSALS, Accept)):
                     return responses
                 return self._final(command, macros)
 
@@ -711,7 +828,7 @@ class Chain:
             Changes(m.needs.actions, add_space=m.add_space, on_progress=self._progress_now) for m in targets
         ]
         results: list[Any] = [
-            self._invoke(member, "end_of_message", recorder, macros)
+            self._end_of_message_of(member, recorder, macros)
             for member, recorder in zip(targets, changes, strict=True)
         ]
         cancelled: set[int] = set()
@@ -726,6 +843,21 @@ class Chain:
             gathered.addBoth(self._stop_progress)
             return self._track(gathered.addCallback(finish))
         return finish(gathered)
+
+    def _end_of_message_of(
+        self, member: _Member, recorder: Changes, macros: MacroView
+    ) -> FilterVerdict | Deferred[Any]:
+        """Call one filter's end_of_message, showing a whole_body filter its body first."""
+        if member.whole_body:
+            if member.body_trouble is not None:
+                fallback, _ = self._fallback(member, "end_of_message")
+                if self._observer is not None:
+                    self._observer.failure(member.spec.name, "end_of_message", "body")
+                return fallback
+            body: IO[bytes] = member.spool if member.spool is not None else io.BytesIO()
+            body.seek(0)
+            member.show_body(body)
+        return self._invoke(member, "end_of_message", recorder, macros)
 
     def _finish(
         self, targets: list[_Member], changes: list[Changes], verdicts: list[FilterVerdict], unfinished: list[_Member]
@@ -798,6 +930,8 @@ class Chain:
         self._closed = True
         pending = []
         for member in self._members:
+            if member.whole_body:
+                member.drop_body()
             if member.closed:
                 continue
             member.closed = True

@@ -9,14 +9,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from txmilt.chain import FilterSpec, verify_filters
+from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec, verify_filters
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
 from txmilt.listen import check_strports, to_strports
 from txmilt.messages import Accept, Continue, Reject, TempFail
 from txmilt.milter import FilterVerdict
-from txmilt.protocol import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS
+from txmilt.protocol import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_NEGOTIATION_TIMEOUT
+from txmilt.session import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 #: Where the daemon listens when nothing else is said.
 DEFAULT_LISTEN = "tcp:8891:interface=127.0.0.1"
@@ -38,7 +39,12 @@ class DaemonConfig:
     metrics: str | None = None
     frame_limit: int = DEFAULT_FRAME_LIMIT
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_headers: int = DEFAULT_MAX_HEADERS
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD
     drain_timeout: float = 30.0
     progress_interval: float = 10.0
     socket_group: str | None = None
@@ -51,7 +57,12 @@ _DAEMON_KEYS = {
     "metrics": str,
     "frame_limit": int,
     "idle_timeout": (int, float),
+    "negotiation_timeout": (int, float),
     "max_connections": int,
+    "max_headers": int,
+    "max_header_bytes": int,
+    "max_body_size": int,
+    "body_spool_threshold": int,
     "drain_timeout": (int, float),
     "progress_interval": (int, float),
     "socket_group": str,
@@ -200,7 +211,12 @@ def parse_config(
         metrics=to_strports(metrics) if metrics else None,
         frame_limit=daemon.get("frame_limit", DEFAULT_FRAME_LIMIT),
         idle_timeout=float(daemon.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
+        negotiation_timeout=float(daemon.get("negotiation_timeout", DEFAULT_NEGOTIATION_TIMEOUT)),
         max_connections=daemon.get("max_connections", DEFAULT_MAX_CONNECTIONS),
+        max_headers=daemon.get("max_headers", DEFAULT_MAX_HEADERS),
+        max_header_bytes=daemon.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES),
+        max_body_size=daemon.get("max_body_size", DEFAULT_MAX_BODY_SIZE),
+        body_spool_threshold=daemon.get("body_spool_threshold", DEFAULT_BODY_SPOOL_THRESHOLD),
         drain_timeout=float(daemon.get("drain_timeout", 30.0)),
         progress_interval=float(daemon.get("progress_interval", 10.0)),
         socket_group=daemon.get("socket_group"),
@@ -218,7 +234,10 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True) -> Daemo
     """
     if not 0 < config.frame_limit <= ABSOLUTE_FRAME_LIMIT:
         raise ConfigurationError(f"frame_limit {config.frame_limit} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-    for name in ("idle_timeout", "drain_timeout"):
+    for name in (
+        "idle_timeout", "negotiation_timeout", "drain_timeout",
+        "max_headers", "max_header_bytes", "max_body_size", "body_spool_threshold",
+    ):
         if getattr(config, name) < 0:
             raise ConfigurationError(f"{name} must not be negative, not {getattr(config, name)!r}")
     for name in ("progress_interval", "default_timeout"):

@@ -27,6 +27,9 @@ class IMilter(Interface):
     A callback returns a verdict (``Continue``, ``Accept``, ``Reject``,
     ``TempFail``, ``Discard``, ``Skip``), ``None`` (continue), a Deferred of
     one, or is ``async def``. One instance serves one SMTP session.
+
+    Optional: a true ``whole_body`` attribute has the chain buffer the body
+    and set ``body_file`` (a binary file) for ``end_of_message``.
     """
 
     actions = Attribute("Action flags this filter may use at end of message.")

@@ -35,7 +35,8 @@ def to_strports(spec: str) -> str:
     ``inet:8891@127.0.0.1``, ``inet:127.0.0.1:8891``, ``inet6:8891@[::1]``,
     ``local:/path`` and ``unix:/path`` are accepted besides strports
     (``tcp:8891:interface=127.0.0.1``, ``unix:/path:mode=660``, ``systemd:...``).
-    Unix sockets get mode 660 unless the description sets one.
+    Unix sockets get mode 660 unless the description sets one; a mode that lets
+    every local user write (connect) is refused.
     """
     kind, sep, rest = spec.partition(":")
     kind = kind.lower()
@@ -67,6 +68,7 @@ def to_strports(spec: str) -> str:
             raise ConfigurationError(f"listen address {spec!r}: the socket path must be absolute")
         if not re.search(r"(?<!\\):mode=", rest):
             description += f":mode={DEFAULT_SOCKET_MODE}"
+        check_socket_mode(description)
         return description
     if kind in _STRPORTS_KINDS:
         return f"{kind}:{rest}"
@@ -83,6 +85,35 @@ def _unix_path(description: str) -> str:
     if path.startswith("address="):
         path = path[len("address="):]
     return path.replace("\\:", ":").replace("\\\\", "\\")
+
+
+def socket_mode(description: str) -> int | None:
+    """The mode a ``unix:`` strports description sets, or None if it sets none."""
+    for option in re.split(r"(?<!\\):", description[len("unix:"):])[1:]:
+        name, _, value = option.partition("=")
+        if name == "mode":
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ConfigurationError(
+                    f"listen address {description!r}: mode {value!r} is not an octal file mode such as 660"
+                ) from None
+    return None
+
+
+def check_socket_mode(description: str) -> None:
+    """ConfigurationError if a ``unix:`` description would leave its socket writable by every user.
+
+    Connecting to a unix socket needs write permission on it: a world-writable
+    milter socket lets any local user feed the milter and read its verdicts.
+    Give the MTA's group access instead (mode 660 and ``socket_group``).
+    """
+    mode = socket_mode(description)
+    if mode is not None and mode & 0o002:
+        raise ConfigurationError(
+            f"listen address {description!r}: mode {mode:03o} makes the socket world-writable, so any local"
+            " user could talk to the milter; use mode=660 and set socket_group to the MTA's group"
+        )
 
 
 def unix_socket_path(description: str) -> str | None:
@@ -140,6 +171,8 @@ def check_strports(description: str) -> None:
     """
     from twisted.internet.endpoints import serverFromString
 
+    if description.lower().startswith("unix:"):
+        check_socket_mode(description)
     try:
         serverFromString(None, description)
     except Exception as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from typing import Any, ClassVar, TypeAlias
+from typing import IO, Any, ClassVar, TypeAlias
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
@@ -209,9 +209,16 @@ class Milter:
     rejected_recipients: ClassVar[bool] = False
     #: Callbacks that only observe (always continue); the MTA then waits for no reply.
     no_reply: ClassVar[frozenset[str]] = frozenset()
+    #: Have the chain buffer the whole body: ``body_file`` holds it during ``end_of_message``.
+    #: Kept in memory up to the daemon's ``body_spool_threshold``, then in a temporary file; a
+    #: body over ``max_body_size`` is not kept, and the filter gets its fallback instead.
+    whole_body: ClassVar[bool] = False
 
     #: Macro values visible at the current callback (set by the chain).
     macros: MacroView = EMPTY_MACROS
+    #: With ``whole_body``: the message body (CRLF line ends), a binary file positioned at its
+    #: start, readable in ``end_of_message`` until that settles; None at other times.
+    body_file: IO[bytes] | None = None
 
     def connect(self, command: Connect) -> Result:
         """Judge the SMTP client's connection."""

@@ -14,15 +14,30 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from txmilt.chain import Chain, ChainObserver, FilterSpec, verify_filters
+from txmilt.chain import (
+    DEFAULT_BODY_SPOOL_THRESHOLD,
+    DEFAULT_MAX_BODY_SIZE,
+    Chain,
+    ChainObserver,
+    FilterSpec,
+    verify_filters,
+)
 from txmilt.codec import DEFAULT_FRAME_LIMIT
 from txmilt.errors import NegotiationError, RemoteProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import Negotiate, Progress, Quit, QuitNoClose, Response
-from txmilt.session import NEED_DATA, Disconnected, MilterSession
+from txmilt.session import (
+    DEFAULT_MAX_HEADER_BYTES,
+    DEFAULT_MAX_HEADERS,
+    NEED_DATA,
+    Disconnected,
+    MilterSession,
+)
 
 #: Seconds a connection may stay silent between commands before it is closed.
 DEFAULT_IDLE_TIMEOUT = 3600.0
+#: Seconds from accepting a connection to the end of option negotiation before it is closed.
+DEFAULT_NEGOTIATION_TIMEOUT = 10.0
 #: Connections served at once before new ones are refused.
 DEFAULT_MAX_CONNECTIONS = 2000
 
@@ -54,7 +69,9 @@ class MilterProtocol(Protocol):
     def __init__(self, factory: MilterFactory, connection_id: str) -> None:
         self.factory = factory
         self.connection_id = connection_id
-        self.session = MilterSession(factory.frame_limit)
+        self.session = MilterSession(
+            factory.frame_limit, max_headers=factory.max_headers, max_header_bytes=factory.max_header_bytes
+        )
         self.chain = Chain(
             factory.filters,
             factory.clock,
@@ -62,6 +79,8 @@ class MilterProtocol(Protocol):
             progress_interval=factory.progress_interval,
             send_progress=self._send_progress,
             observer=factory.observer,
+            max_body_size=factory.max_body_size,
+            body_spool_threshold=factory.body_spool_threshold,
         )
         self._busy = False
         self._finished = False
@@ -94,6 +113,9 @@ class MilterProtocol(Protocol):
         if not self._finished:
             self._finished = True
             self.chain.connection_lost(self.session.in_transaction)
+        # The chain's callback is the only reference cycle through a connection: without it, a
+        # closed connection is freed at once by reference counting, not at the next full GC.
+        self.chain.send_progress = None
         self.log.debug("[{conn}] connection closed", conn=self.connection_id)
 
     # -- the command loop
@@ -110,7 +132,7 @@ class MilterProtocol(Protocol):
                     continue
                 if self._observer is not None:
                     self._started = self.factory.clock.seconds()
-                outcome = self.chain.handle(event, self.session.macros)
+                outcome = self.chain.handle(event, self.session.macros, self.session.over_limit)
                 if isinstance(outcome, Deferred):
                     self._busy = True
                     self._cancel_idle_timer()
@@ -129,6 +151,7 @@ class MilterProtocol(Protocol):
             self._drop("negotiation failed: {error}", error=str(e))
             return
         self.transport.write(self.session.send(reply))  # type: ignore[union-attr]
+        self._restart_idle_timer()  # from the negotiation deadline to the idle timeout
 
     def _answer(self, responses: Sequence[Response], event: object) -> None:
         if self._observer is not None:
@@ -182,10 +205,15 @@ class MilterProtocol(Protocol):
     # -- idle timeout
 
     def _restart_idle_timer(self) -> None:
-        timeout = self.factory.idle_timeout
+        """Restart the idle timer; before negotiation, run the negotiation deadline (never restarted)."""
+        negotiating = self._negotiating
+        timeout = self.factory.negotiation_timeout if negotiating else self.factory.idle_timeout
+        active = self._idle_call is not None and self._idle_call.active()
+        if negotiating and active:
+            return  # a deadline from connecting: trickling bytes do not extend it
         if not timeout:
-            return
-        if self._idle_call is not None and self._idle_call.active():
+            self._cancel_idle_timer()
+        elif self._idle_call is not None and active:
             self._idle_call.reset(timeout)
         else:
             self._idle_call = self.factory.clock.callLater(timeout, self._idle)
@@ -195,12 +223,27 @@ class MilterProtocol(Protocol):
             self._idle_call.cancel()
         self._idle_call = None
 
+    @property
+    def _negotiating(self) -> bool:
+        """Whether the negotiation deadline (rather than the idle timeout) applies now."""
+        return self.session.negotiated is None and self.factory.negotiation_timeout > 0
+
     def _idle(self) -> None:
         self._idle_call = None
-        self.log.warn(
-            "[{conn}] idle for {timeout}s in stage {stage}; closing the connection",
-            conn=self.connection_id, timeout=self.factory.idle_timeout, stage=self.session.stage.value,
-        )
+        if self._negotiating:
+            self.log.warn(
+                "[{conn}] no option negotiation within {timeout}s of connecting ({pending} bytes of an unfinished"
+                " frame); closing the connection",
+                conn=self.connection_id, timeout=self.factory.negotiation_timeout,
+                pending=self.session.pending_bytes,
+            )
+        else:
+            self.log.warn(
+                "[{conn}] idle for {timeout}s in stage {stage} ({pending} bytes of an unfinished frame);"
+                " closing the connection",
+                conn=self.connection_id, timeout=self.factory.idle_timeout, stage=self.session.stage.value,
+                pending=self.session.pending_bytes,
+            )
         self._close()
 
 
@@ -216,10 +259,26 @@ class MilterFactory(Factory):
         *,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         progress_interval: float = 10.0,
         observer: ChainObserver | None = None,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+        max_body_size: int = DEFAULT_MAX_BODY_SIZE,
+        body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
     ) -> None:
+        """Serve ``filters`` in this order; the keywords are the limits (0 switches a limit off).
+
+        ``frame_limit``: largest packet payload (larger: the connection is dropped).
+        ``idle_timeout``: seconds of silence between commands before the connection is closed.
+        ``negotiation_timeout``: seconds from connecting to the end of option negotiation.
+        ``max_connections``: connections served at once (more are refused at accept).
+        ``max_headers``, ``max_header_bytes``: per message; above either, the message's
+        content goes to no filter and is answered TempFail (452 4.3.1).
+        ``max_body_size``: largest body a ``whole_body`` filter may buffer (above it the filter
+        gets its fallback); ``body_spool_threshold``: bytes kept in memory before spooling to disk.
+        """
         if clock is None:
             from twisted.internet import reactor
 
@@ -228,7 +287,12 @@ class MilterFactory(Factory):
         self.clock: IReactorTime = clock
         self.frame_limit = frame_limit
         self.idle_timeout = idle_timeout
+        self.negotiation_timeout = negotiation_timeout
         self.max_connections = max_connections
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        self.max_body_size = max_body_size
+        self.body_spool_threshold = body_spool_threshold
         self.progress_interval = progress_interval
         self.observer = observer
         # A ServerObserver is a ChainObserver with connection hooks too (metrics.MetricsObserver).

@@ -216,6 +216,23 @@ OPTIONAL_PROTOCOL_BITS: Final = ProtocolFlag(
 #: Events never negotiated away: the session needs MAIL to see where messages begin.
 TRACKING_EVENTS: Final = ProtocolFlag.NO_MAIL
 
+#: Default most headers one message may have before it is over the limit.
+DEFAULT_MAX_HEADERS: Final = 1000
+#: Default most HEADER payload bytes (names, values, NULs) one message may have.
+DEFAULT_MAX_HEADER_BYTES: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LimitExceeded:
+    """Why the current message went over a per-message limit: ``what`` counted ``value``, above ``limit``."""
+
+    what: str
+    value: int
+    limit: int
+
+    def __str__(self) -> str:
+        return f"{self.what} {self.value} above the limit of {self.limit}"
+
 
 @functools.lru_cache(maxsize=64)
 def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, frozenset[Stage]]:
@@ -368,6 +385,11 @@ class _Session:
         return self.negotiated.actions if self.negotiated else Action.NONE
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes received that do not form a whole frame yet."""
+        return self._frames.pending
+
+    @property
     def in_transaction(self) -> bool:
         """Whether a message is open (MAIL seen, end of message or abort not yet)."""
         return self.stage in _TRANSACTION
@@ -471,12 +493,31 @@ class _Session:
 
 
 class MilterSession(_Session):
-    """The filter side of one MTA connection."""
+    """The filter side of one MTA connection.
 
-    def __init__(self, frame_limit: int = DEFAULT_FRAME_LIMIT) -> None:
+    It counts the headers of the current message and their payload bytes; when
+    either passes its limit (0: none), ``over_limit`` says so until the next MAIL.
+    The headers still come out as events: what to answer is the caller's choice.
+    """
+
+    def __init__(
+        self,
+        frame_limit: int = DEFAULT_FRAME_LIMIT,
+        *,
+        max_headers: int = DEFAULT_MAX_HEADERS,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    ) -> None:
         super().__init__(frame_limit)
         self._macros: dict[str, Mapping[str, str]] = {}
         self._pending: list[Event] = []
+        self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
+        #: Headers received in the current message.
+        self.header_count = 0
+        #: HEADER payload bytes received in the current message.
+        self.header_bytes = 0
+        #: The first limit the current message went over, or None; cleared by the next MAIL.
+        self.over_limit: LimitExceeded | None = None
 
     @property
     def reply_due(self) -> bool:
@@ -548,12 +589,27 @@ class MilterSession(_Session):
         if isinstance(command, Macros):
             self._store_macros(command)
             return []
+        if letter == "L":
+            self._count_header(len(payload))
+        elif letter == "M":
+            self.header_count = self.header_bytes = 0
+            self.over_limit = None
         if isinstance(command, Negotiate | Quit | QuitNoClose):
             self._macros = {}
         elif command.letter in _MACRO_CLEARS:
             for letter in _MACRO_CLEARS[command.letter]:
                 self._macros.pop(letter, None)
         return list(events)
+
+    def _count_header(self, size: int) -> None:
+        self.header_count += 1
+        self.header_bytes += size
+        if self.over_limit is not None:
+            return
+        if self.max_headers and self.header_count > self.max_headers:
+            self.over_limit = LimitExceeded("headers", self.header_count, self.max_headers)
+        elif self.max_header_bytes and self.header_bytes > self.max_header_bytes:
+            self.over_limit = LimitExceeded("header bytes", self.header_bytes, self.max_header_bytes)
 
     def _store_macros(self, packet: Macros) -> None:
         if packet.command in _MACRO_LETTERS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grp
 import math
 import os
+import stat
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -70,19 +71,40 @@ class Options(usage.Options):
     optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "TOML config file ([daemon] and [[filter]] tables)."],
         ["metrics", None, None, "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1)."],
-        ["frame-limit", None, None, "Largest packet payload accepted, in bytes (default 1048576).",
+        ["frame-limit", None, None,
+         "Largest packet payload accepted, in bytes; a larger packet closes its connection (default 1048576).",
          _whole_number("--frame-limit")],
-        ["idle-timeout", None, None, "Close a connection silent this many seconds (default 3600).",
+        ["idle-timeout", None, None, "Close a connection silent this many seconds (default 3600; 0: never).",
          _seconds("--idle-timeout")],
-        ["max-connections", None, None, "Refuse connections beyond this many (default 2000).",
+        ["negotiation-timeout", None, None,
+         "Close a connection that has not negotiated this many seconds after connecting (default 10; 0: the"
+         " idle timeout applies instead).", _seconds("--negotiation-timeout")],
+        ["max-connections", None, None, "Refuse (close at once) connections beyond this many (default 2000).",
          _whole_number("--max-connections")],
+        ["max-headers", None, None,
+         "Most headers per message; the message beyond it is answered 452 4.3.1 (default 1000; 0: no limit).",
+         _whole_number("--max-headers")],
+        ["max-header-bytes", None, None,
+         "Most header bytes per message; the message beyond it is answered 452 4.3.1 (default 1048576;"
+         " 0: no limit).", _whole_number("--max-header-bytes")],
+        ["max-body-size", None, None,
+         "Largest body a whole_body filter may buffer; beyond it the filter gets its fallback (default"
+         " 67108864; 0: no limit).", _whole_number("--max-body-size")],
+        ["body-spool-threshold", None, None,
+         "Bytes of a buffered body kept in memory before spooling to a temporary file in $TMPDIR (default"
+         " 1048576; 0: always spool).",
+         _whole_number("--body-spool-threshold")],
         ["drain-timeout", None, None, "On SIGTERM, wait this long for open connections (default 30).",
          _seconds("--drain-timeout")],
         ["progress-interval", None, None, "Seconds between keep-alives at a slow end of message (default 10).",
          _seconds("--progress-interval")],
-        ["timeout", None, None, "Default per-filter timeout in seconds (default 25).", _seconds("--timeout")],
+        ["timeout", None, None,
+         "Default per-filter deadline for each callback, in seconds; past it the filter gets its fallback"
+         " (default 25).", _seconds("--timeout")],
         ["fallback", None, None, "Default verdict for a failing filter: tempfail, accept, continue, reject."],
-        ["socket-group", None, None, "Group owning unix sockets (their mode comes from the description)."],
+        ["socket-group", None, None,
+         "Group owning unix sockets (their mode comes from the description: default 660; world-writable"
+         " modes are refused)."],
     ]
 
     def __init__(self) -> None:
@@ -152,7 +174,10 @@ class Options(usage.Options):
             overrides["listen"] = tuple(self["listen"])
         for option, field_name in (
             ("frame-limit", "frame_limit"), ("idle-timeout", "idle_timeout"),
-            ("max-connections", "max_connections"), ("drain-timeout", "drain_timeout"),
+            ("negotiation-timeout", "negotiation_timeout"), ("max-connections", "max_connections"),
+            ("max-headers", "max_headers"), ("max-header-bytes", "max_header_bytes"),
+            ("max-body-size", "max_body_size"), ("body-spool-threshold", "body_spool_threshold"),
+            ("drain-timeout", "drain_timeout"),
             ("progress-interval", "progress_interval"), ("socket-group", "socket_group"),
         ):
             if self[option] is not None:
@@ -244,8 +269,18 @@ class UnixSocketService(Service):
     @override
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        if self.group and os.path.exists(self.path):
-            os.chown(self.path, -1, _group_id(self.group))
+        try:
+            status = os.lstat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(status.st_mode):
+            raise ConfigurationError(f"{self.path} is no longer a socket after listening; refusing to change it")
+        if status.st_mode & 0o002:
+            # The description's mode is checked before listening; this guards the file itself.
+            os.chmod(self.path, stat.S_IMODE(status.st_mode) & ~0o007)
+            log.warn("socket {path} was world-writable; removed the access of other users", path=self.path)
+        if self.group:
+            os.chown(self.path, -1, _group_id(self.group), follow_symlinks=False)
 
 
 def makeService(options: Options) -> IService:
@@ -264,9 +299,14 @@ def makeService(options: Options) -> IService:
         reactor,
         frame_limit=config.frame_limit,
         idle_timeout=config.idle_timeout,
+        negotiation_timeout=config.negotiation_timeout,
         max_connections=config.max_connections,
         progress_interval=config.progress_interval,
         observer=observer,
+        max_headers=config.max_headers,
+        max_header_bytes=config.max_header_bytes,
+        max_body_size=config.max_body_size,
+        body_spool_threshold=config.body_spool_threshold,
     )
     top = MultiService()
     top.addService(DrainService(factory, config.drain_timeout, reactor))

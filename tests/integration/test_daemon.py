@@ -414,6 +414,7 @@ def test_help_lists_every_option() -> None:
     for option in (
         "--listen", "--filter", "--config", "--metrics", "--frame-limit", "--idle-timeout", "--max-connections",
         "--drain-timeout", "--progress-interval", "--timeout", "--fallback", "--socket-group",
+        "--negotiation-timeout", "--max-headers", "--max-header-bytes", "--max-body-size", "--body-spool-threshold",
     ):
         assert option in result.stdout
 

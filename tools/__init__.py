@@ -1,0 +1,1 @@
+"""Developer tools: fuzzing, soak and connection-scale runs (not installed)."""
