@@ -331,6 +331,36 @@ def merge_changes(headers: Sequence[tuple[str, str]], contributions: Sequence[tu
 # ----------------------------------------------------------------- the chain
 
 
+@dataclass(frozen=True)
+class _Profile:
+    """What a filter declares; the same for every instance one FilterSpec makes."""
+
+    needs: Requirements
+    receives: frozenset[type]
+    silent: frozenset[type]
+    no_reply: frozenset[str]
+    whole_body: bool
+    calls_body: bool
+
+
+_PROFILES: dict[FilterSpec, _Profile] = {}
+
+
+def _profile(spec: FilterSpec, milter: IMilter) -> _Profile:
+    """The declarations of ``spec``'s filters, worked out once from its first instance."""
+    profile = _PROFILES.get(spec)
+    if profile is None:
+        needs, receives, silent = _filter_requirements(milter)
+        profile = _Profile(
+            needs, receives, silent, frozenset(getattr(milter, "no_reply", ())),
+            bool(getattr(milter, "whole_body", False)), overrides(milter, "body"),
+        )
+        if len(_PROFILES) > 1024:
+            _PROFILES.clear()
+        _PROFILES[spec] = profile
+    return profile
+
+
 class _Member:
     """One filter instance on this connection and its per-message state."""
 
@@ -359,10 +389,9 @@ class _Member:
     def __init__(self, spec: FilterSpec) -> None:
         self.spec = spec
         self.milter = spec.factory()
-        self.needs, self.receives, self.silent = _filter_requirements(self.milter)
-        self.no_reply = frozenset(getattr(self.milter, "no_reply", ()))
-        self.whole_body = bool(getattr(self.milter, "whole_body", False))
-        self.calls_body = overrides(self.milter, "body")
+        profile = _profile(spec, self.milter)
+        self.needs, self.receives, self.silent = profile.needs, profile.receives, profile.silent
+        self.no_reply, self.whole_body, self.calls_body = profile.no_reply, profile.whole_body, profile.calls_body
         self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
         self.body_size = 0
         self.body_trouble: str | None = None  # why the buffered body was given up
@@ -396,6 +425,8 @@ class _Member:
 
 
 _PENDING: Any = object()
+# OPTNEG replies already worked out, by filter specs and offer (an MTA makes the same offer every time).
+_REPLIES: dict[tuple[tuple[FilterSpec, ...], Negotiate], NegotiateReply] = {}
 
 
 class Chain:
@@ -440,6 +471,18 @@ class Chain:
 
     def negotiate(self, offer: Negotiate) -> NegotiateReply:
         """The chain's OPTNEG reply; NegotiationError names a filter the MTA cannot serve."""
+        key = (self._specs, offer)
+        reply = _REPLIES.get(key)
+        if reply is None:
+            reply = self._negotiate(offer)
+            if len(_REPLIES) > 1024:
+                _REPLIES.clear()
+            _REPLIES[key] = reply
+        self._offer = offer
+        self.accept_negotiation(reply)
+        return reply
+
+    def _negotiate(self, offer: Negotiate) -> NegotiateReply:
         negotiate(offer, Requirements())  # an unusable version is no filter's fault
         for member in self._members:
             try:
@@ -449,10 +492,7 @@ class Chain:
         needs = merge_requirements(
             [(m.needs, m.receives, m.silent) for m in self._members], observe=self._watched()
         )
-        reply = negotiate(offer, needs)
-        self._offer = offer
-        self.accept_negotiation(reply)
-        return reply
+        return negotiate(offer, needs)
 
     def accept_negotiation(self, reply: NegotiateReply) -> None:
         """Adapt the filters to what was negotiated (leading space per filter).

@@ -203,9 +203,6 @@ _MACRO_LETTERS: Final = "ENTRMHC"
 _MACRO_CLEARS: Final[Mapping[str, str]] = {"C": "HMRTNE", "H": "MRTNE", "M": "RTNE", "R": "TNE"}
 
 _FINAL: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
-_REPLY_COMMANDS: Final = (
-    Connect, Helo, MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown,
-)
 # Commands at which DISCARD means something (a message is in progress or marked).
 _DISCARD_COMMANDS: Final = (MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown)
 
@@ -370,6 +367,7 @@ class _Session:
         self.offer: Negotiate | None = None
         self.negotiated: NegotiateReply | None = None
         self._transitions = _transitions(ProtocolFlag.NONE)
+        self._silent: frozenset[type] = frozenset()
         self._awaiting: Command | None = None
 
     # -- negotiated values
@@ -402,16 +400,14 @@ class _Session:
     def _set_negotiated(self, offer: Negotiate, reply: NegotiateReply) -> None:
         self.offer, self.negotiated = offer, reply
         self._transitions = _transitions(reply.protocol)
+        self._silent = frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if reply.protocol & flag)
         self.stage = Stage.OPTIONS
 
     def _reply_expected(self, command: Command) -> bool:
-        if isinstance(command, Negotiate):
+        kind = type(command)
+        if kind is Negotiate or kind is EndOfMessage:
             return True
-        if not isinstance(command, _REPLY_COMMANDS):
-            return False
-        if isinstance(command, EndOfMessage):
-            return True
-        return not self.protocol & NO_REPLY_FLAG[type(command)]
+        return kind in NO_REPLY_FLAG and kind not in self._silent
 
     def _order(self, command: Command, error: type[ProtocolError]) -> list[Command]:
         """Move the stage for ``command``; the events it stands for (an implicit abort first)."""
@@ -509,6 +505,7 @@ class MilterSession(_Session):
     ) -> None:
         super().__init__(frame_limit)
         self._macros: dict[str, Mapping[str, str]] = {}
+        self._macro_view: MacroView | None = None
         self._pending: list[Event] = []
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
@@ -527,10 +524,14 @@ class MilterSession(_Session):
     @property
     def macros(self) -> MacroView:
         """A snapshot of the macro values visible now."""
-        stored = self._macros
-        if not stored:
-            return EMPTY_MACROS
-        return MacroView(tuple(stored[letter] for letter in _MACRO_LETTERS if letter in stored))
+        view = self._macro_view
+        if view is None:
+            stored = self._macros
+            view = EMPTY_MACROS
+            if stored:
+                view = MacroView(tuple(stored[letter] for letter in _MACRO_LETTERS if letter in stored))
+            self._macro_view = view
+        return view
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the MTA; ``b""`` marks the end of the stream."""
@@ -596,9 +597,11 @@ class MilterSession(_Session):
             self.over_limit = None
         if isinstance(command, Negotiate | Quit | QuitNoClose):
             self._macros = {}
+            self._macro_view = None
         elif command.letter in _MACRO_CLEARS:
             for letter in _MACRO_CLEARS[command.letter]:
-                self._macros.pop(letter, None)
+                if self._macros.pop(letter, None) is not None:
+                    self._macro_view = None
         return list(events)
 
     def _count_header(self, size: int) -> None:
@@ -617,6 +620,7 @@ class MilterSession(_Session):
             for name, value in packet.pairs:
                 values.setdefault(_normal_macro_name(name), value)  # libmilter finds the first of duplicates
             self._macros[packet.command] = values
+            self._macro_view = None
 
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
