@@ -432,6 +432,12 @@ _REPLIES: dict[tuple[tuple[FilterSpec, ...], Negotiate], NegotiateReply] = {}
 class Chain:
     """Fans each MTA command out to the filters of one connection and merges their answers."""
 
+    __slots__ = (
+        "_clock", "_closed", "_headers", "_in_flight", "_max_body_size", "_members", "_negotiated", "_observer",
+        "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_specs", "_spool_threshold",
+        "connection_id", "send_progress",
+    )
+
     log = Logger()
 
     def __init__(

@@ -358,6 +358,8 @@ def check_negotiation(
 class _Session:
     """Order, negotiation and reply bookkeeping shared by both sides."""
 
+    __slots__ = ("_awaiting", "_eof", "_frames", "_silent", "_transitions", "negotiated", "offer", "stage")
+
     _local_error: type[ProtocolError] = LocalProtocolError
 
     def __init__(self, frame_limit: int = DEFAULT_FRAME_LIMIT) -> None:
@@ -495,6 +497,11 @@ class MilterSession(_Session):
     either passes its limit (0: none), ``over_limit`` says so until the next MAIL.
     The headers still come out as events: what to answer is the caller's choice.
     """
+
+    __slots__ = (
+        "_macro_view", "_macros", "_pending", "header_bytes", "header_count", "max_header_bytes", "max_headers",
+        "over_limit",
+    )
 
     def __init__(
         self,
@@ -640,6 +647,8 @@ class MilterSession(_Session):
 
 class MTASession(_Session):
     """The MTA side of one milter connection: sends commands, reads replies."""
+
+    __slots__ = ()
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the milter; ``b""`` marks the end of the stream."""
