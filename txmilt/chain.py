@@ -425,6 +425,7 @@ class _Member:
 
 
 _PENDING: Any = object()
+_SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
 # OPTNEG replies already worked out, by filter specs and offer (an MTA makes the same offer every time).
 _REPLIES: dict[tuple[tuple[FilterSpec, ...], Negotiate], NegotiateReply] = {}
 
@@ -529,7 +530,7 @@ class Chain:
             return self._over_limit(over_limit)
         if isinstance(command, Abort):
             return self._after(self._abort(self._members), ())
-        if isinstance(command, Quit | Disconnected | QuitNoClose):
+        if isinstance(command, _SESSION_ENDS):
             outcome = self._after(self.close(), ())
             if isinstance(command, QuitNoClose):
                 self._members = [_Member(spec) for spec in self._specs]
@@ -614,7 +615,7 @@ class Chain:
         """Call one filter's callback; a verdict now, or a Deferred that never fails."""
         milter = member.milter
         milter.macros = macros
-        started = self._clock.seconds()
+        started = self._clock.seconds() if self._observer is not None else 0.0
         try:
             value = getattr(milter, stage)(argument)
         except Exception:
@@ -624,6 +625,9 @@ class Chain:
 
     def _settle(self, member: _Member, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
         """The verdict a callback's return value stands for, now or (for a pending Deferred) later."""
+        if value is None or type(value) is Continue:
+            self._latency(member, stage, started)
+            return _CONTINUE
         if inspect.iscoroutine(value):
             value = Deferred.fromCoroutine(value)
         if isinstance(value, Deferred):
@@ -738,6 +742,11 @@ class Chain:
 
         The indices of filters whose work was cancelled that way are added to ``cancelled``.
         """
+        if not any(isinstance(result, Deferred) for result in results):
+            for index, verdict in enumerate(results):  # every filter answered at once: no bookkeeping
+                if isinstance(verdict, _REFUSALS) and not targets[index].spec.dry_run:
+                    return results[: index + 1]
+            return results
         settled: list[FilterVerdict] = []
         deferreds: dict[int, Deferred[Any]] = {}
         unfinished = cancelled if cancelled is not None else set()
@@ -827,8 +836,14 @@ class Chain:
         return (_CONTINUE,)
 
     def _all_accepted(self) -> bool:
-        counting = [m for m in self._members if not m.spec.dry_run]
-        return bool(counting) and not any(m.active for m in counting)
+        """Whether every filter that counts (not in evaluation mode) has accepted."""
+        counted = False
+        for member in self._members:
+            if not member.spec.dry_run:
+                if not (member.retired or member.retired_for_connection):
+                    return False
+                counted = True
+        return counted
 
     def _count(self, member: _Member, stage: str, verdict: FilterVerdict) -> None:
         if self._observer is not None:
@@ -921,7 +936,7 @@ class Chain:
             if member.failed:
                 recorder = Changes(Action.NONE)
             if member.spec.dry_run:
-                if not isinstance(verdict, Continue | Accept) or not recorder.empty:
+                if not isinstance(verdict, (Continue, Accept)) or not recorder.empty:
                     self.log.info(
                         "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
                         conn=self.connection_id, filter=member.spec.name, verdict=verdict,

@@ -163,7 +163,7 @@ class MilterProtocol(Protocol):
         if self.session.reply_due:
             send = self.session.send
             self._write(b"".join([send(response) for response in responses]))
-        if isinstance(event, Quit | Disconnected):
+        if isinstance(event, (Quit, Disconnected)):
             self._finished = True
             self.transport.loseConnection()  # type: ignore[union-attr]
         elif isinstance(event, QuitNoClose):

@@ -203,6 +203,15 @@ _MACRO_LETTERS: Final = "ENTRMHC"
 _MACRO_CLEARS: Final[Mapping[str, str]] = {"C": "HMRTNE", "H": "MRTNE", "M": "RTNE", "R": "TNE"}
 
 _FINAL: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
+_REFUSALS: Final = (Reject, TempFail, Discard, Shutdown)
+_ALWAYS_ALLOWED: Final = (NegotiateReply, Progress, Continue, Accept, Reject, TempFail, Shutdown)
+_QUITS: Final = (Quit, QuitNoClose)
+_ENDINGS: Final = (Abort, Quit, QuitNoClose)
+_NO_REPLY_COMMANDS: Final = (Macros, Abort, Quit, QuitNoClose)
+_MACRO_RESETS: Final = (Negotiate, Quit, QuitNoClose)
+_STAGE_KEEPERS: Final = (Negotiate, Unknown)
+#: The CONTINUE packet, the answer to almost every command.
+_CONTINUE_FRAME: Final = b"\x00\x00\x00\x01c"
 # Commands at which DISCARD means something (a message is in progress or marked).
 _DISCARD_COMMANDS: Final = (MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown)
 
@@ -429,7 +438,7 @@ class _Session:
                 self.stage = Stage.HELO
                 return [command]
             return []
-        if isinstance(command, Quit | QuitNoClose):
+        if isinstance(command, _QUITS):
             events: list[Command] = [Abort()] if stage in _TRANSACTION else []
             self.stage = Stage.CLOSED if isinstance(command, Quit) else Stage.OPTIONS
             return [*events, command]
@@ -450,12 +459,12 @@ class _Session:
     def _after_final(self, command: Command, reply: Response) -> None:
         """Move the stage once the final reply to ``command`` is out."""
         self._awaiting = None
-        if isinstance(command, Negotiate | Unknown) or self.stage is Stage.CLOSED:
+        if isinstance(command, _STAGE_KEEPERS) or self.stage is Stage.CLOSED:
             return
         if isinstance(command, EndOfMessage):
             self.stage = Stage.END_OF_MESSAGE
         elif isinstance(reply, Accept) or (
-            isinstance(reply, Reject | TempFail | Discard | Shutdown)
+            isinstance(reply, _REFUSALS)
             and not isinstance(command, _REFUSAL_KEEPS_STAGE)
         ):
             self.stage = Stage.HELO
@@ -468,7 +477,7 @@ class _Session:
             raise error(f"{name} sent while no reply is owed (stage {self.stage.value})")
         if isinstance(command, Negotiate) != isinstance(response, NegotiateReply):
             raise error(f"{name} cannot answer {_describe(command)}")
-        if isinstance(response, NegotiateReply | Progress | Continue | Accept | Reject | TempFail | Shutdown):
+        if isinstance(response, _ALWAYS_ALLOWED):
             return command
         if isinstance(response, ConnectionFail):
             raise error("CONN_FAIL ('f') is handled by no MTA and must not be sent")
@@ -602,7 +611,7 @@ class MilterSession(_Session):
         elif letter == "M":
             self.header_count = self.header_bytes = 0
             self.over_limit = None
-        if isinstance(command, Negotiate | Quit | QuitNoClose):
+        if isinstance(command, _MACRO_RESETS):
             self._macros = {}
             self._macro_view = None
         elif command.letter in _MACRO_CLEARS:
@@ -631,6 +640,10 @@ class MilterSession(_Session):
 
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
+        command = self._awaiting
+        if type(response) is Continue and command is not None and type(command) is not Negotiate:
+            self._after_final(command, response)  # the common case, without the general checks
+            return _CONTINUE_FRAME
         command = self._check_response(response, LocalProtocolError)
         if isinstance(response, NegotiateReply):
             assert isinstance(command, Negotiate)
@@ -669,14 +682,14 @@ class MTASession(_Session):
 
     def send(self, command: Command) -> bytes:
         """The bytes for ``command``; LocalProtocolError if it may not be sent now."""
-        if self._awaiting is not None and not isinstance(command, Macros | Abort | Quit | QuitNoClose):
+        if self._awaiting is not None and not isinstance(command, _NO_REPLY_COMMANDS):
             raise LocalProtocolError(f"{command!r} sent while the reply to {self._awaiting!r} is owed")
         flag = NO_FLAG.get(type(command))
         if flag is not None and self.protocol & flag:
             raise LocalProtocolError(f"the milter switched {_describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
-        if isinstance(command, Abort | Quit | QuitNoClose):
+        if isinstance(command, _ENDINGS):
             self._awaiting = None
         if isinstance(command, Negotiate):
             self.offer = command
