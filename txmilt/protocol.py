@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import socket
 from collections.abc import Callable, Sequence
@@ -63,6 +64,70 @@ class ServerObserver(TypingProtocol):
         """The chain answered one command after ``seconds``."""
 
 
+class Deadlines:
+    """One timer for the idle deadlines of every connection of a factory.
+
+    A DelayedCall per connection costs about 600 bytes; here a connection costs
+    a heap entry, and activity only moves a float (``MilterProtocol._deadline``),
+    which the heap checks lazily when the old deadline comes up.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._heap: list[tuple[float, int, MilterProtocol]] = []
+        self._order = itertools.count()
+        self._call: IDelayedCall | None = None
+        self._stale = 0
+
+    def watch(self, when: float, protocol: MilterProtocol) -> None:
+        """Look at ``protocol`` at ``when`` (or later, if its deadline moves)."""
+        heapq.heappush(self._heap, (when, next(self._order), protocol))
+        self._schedule()
+
+    def forget(self) -> None:
+        """A watched connection closed: drop such entries once they are half the heap."""
+        self._stale += 1
+        if self._stale * 2 < len(self._heap):
+            return
+        kept = []
+        for entry in self._heap:
+            if entry[2].waiting:
+                kept.append(entry)
+            else:
+                entry[2].unwatched()
+        heapq.heapify(kept)
+        self._heap, self._stale = kept, 0
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._heap:
+            if self._call is not None and self._call.active():
+                self._call.cancel()
+            self._call = None
+            return
+        first = self._heap[0][0]
+        call = self._call
+        if call is not None and call.active():
+            if call.getTime() <= first:
+                return
+            call.cancel()
+        self._call = self._clock.callLater(max(0.0, first - self._clock.seconds()), self._fire)
+
+    def _fire(self) -> None:
+        self._call = None
+        now = self._clock.seconds()
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, _, protocol = heapq.heappop(heap)
+            later = protocol.check_deadline(now)
+            if later is not None:
+                heapq.heappush(heap, (later, next(self._order), protocol))
+        self._schedule()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
 class MilterProtocol(Protocol):
     """Frames MTA packets, runs them through the chain in order, writes each reply batch at once."""
 
@@ -86,7 +151,8 @@ class MilterProtocol(Protocol):
         )
         self._busy = False
         self._finished = False
-        self._idle_call: IDelayedCall | None = None
+        self._deadline: float | None = None  # when the idle (or negotiation) timeout closes us
+        self._watched = float("inf")  # the earliest time the factory's deadline heap will look at us
         self._observer = factory.server_observer
         self._started = 0.0
         self._socket: socket.socket | None = None
@@ -114,6 +180,7 @@ class MilterProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connections.discard(self)
         self._cancel_idle_timer()
+        self.factory.deadlines.forget()
         if not self._finished:
             self._finished = True
             self.chain.connection_lost(self.session.in_transaction)
@@ -231,21 +298,42 @@ class MilterProtocol(Protocol):
     def _restart_idle_timer(self) -> None:
         """Restart the idle timer; before negotiation, run the negotiation deadline (never restarted)."""
         negotiating = self._negotiating
-        timeout = self.factory.negotiation_timeout if negotiating else self.factory.idle_timeout
-        active = self._idle_call is not None and self._idle_call.active()
-        if negotiating and active:
+        if negotiating and self._deadline is not None:
             return  # a deadline from connecting: trickling bytes do not extend it
+        timeout = self.factory.negotiation_timeout if negotiating else self.factory.idle_timeout
         if not timeout:
-            self._cancel_idle_timer()
-        elif self._idle_call is not None and active:
-            self._idle_call.reset(timeout)
-        else:
-            self._idle_call = self.factory.clock.callLater(timeout, self._idle)
+            self._deadline = None
+            return
+        deadline = self.factory.clock.seconds() + timeout
+        self._deadline = deadline
+        if deadline < self._watched:
+            self._watched = deadline
+            self.factory.deadlines.watch(deadline, self)
 
     def _cancel_idle_timer(self) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self._deadline = None
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a deadline runs for this connection."""
+        return self._deadline is not None and not self._finished
+
+    def unwatched(self) -> None:
+        """The deadline heap dropped this connection."""
+        self._watched = float("inf")
+
+    def check_deadline(self, now: float) -> float | None:
+        """Close the connection if its deadline has passed; else the time to look again (or None)."""
+        self._watched = float("inf")
+        deadline = self._deadline
+        if deadline is None or self._finished:
+            return None
+        if deadline > now:
+            self._watched = deadline
+            return deadline
+        self._deadline = None
+        self._idle()
+        return None
 
     @property
     def _negotiating(self) -> bool:
@@ -253,7 +341,6 @@ class MilterProtocol(Protocol):
         return self.session.negotiated is None and self.factory.negotiation_timeout > 0
 
     def _idle(self) -> None:
-        self._idle_call = None
         if self._negotiating:
             self.log.warn(
                 "[{conn}] no option negotiation within {timeout}s of connecting ({pending} bytes of an unfinished"
@@ -322,6 +409,7 @@ class MilterFactory(Factory):
         # A ServerObserver is a ChainObserver with connection hooks too (metrics.MetricsObserver).
         self.server_observer = cast("ServerObserver | None", observer if _has_server_hooks(observer) else None)
         self.connections: set[MilterProtocol] = set()
+        self.deadlines = Deadlines(self.clock)
         self._ids = itertools.count(1)
 
     @override

@@ -255,6 +255,12 @@ def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, frozenset[Stage]]:
     return {stage: frozenset(reach(stage, frozenset({stage}))) for stage in Stage}
 
 
+@functools.lru_cache(maxsize=64)
+def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
+    """The commands whose reply ``protocol`` switches off (one shared set per flag value)."""
+    return frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if protocol & flag)
+
+
 def _normal_macro_name(name: str) -> str:
     return name[1:-1] if name.startswith("{") and name.endswith("}") else name
 
@@ -411,7 +417,7 @@ class _Session:
     def _set_negotiated(self, offer: Negotiate, reply: NegotiateReply) -> None:
         self.offer, self.negotiated = offer, reply
         self._transitions = _transitions(reply.protocol)
-        self._silent = frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if reply.protocol & flag)
+        self._silent = _silenced(reply.protocol)
         self.stage = Stage.OPTIONS
 
     def _reply_expected(self, command: Command) -> bool:
