@@ -233,6 +233,41 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertEqual(mta.collect(), [TempFail()])
 
 
+class DeadlineHeapTests(SynchronousTestCase):
+    """The factory's one deadline heap replaces a timer per connection."""
+
+    def test_closed_connections_leave_no_timer(self) -> None:
+        """Once every connection has closed, no deadline entry or timer remains."""
+        factory, clock = fake([RecordingMilter], idle_timeout=30)
+        mtas = [FakeMTA(factory, clock=clock) for _ in range(10)]
+        for mta in mtas:
+            mta.connect()
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        for mta in mtas:
+            mta.quit()
+        self.assertEqual(len(factory.deadlines), 0)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_each_connection_keeps_its_own_deadline(self) -> None:
+        """Connections active at different times close at their own deadlines."""
+        factory, clock = fake([RecordingMilter], idle_timeout=30)
+        early, late = FakeMTA(factory, clock=clock), FakeMTA(factory, clock=clock)
+        early.connect()
+        late.connect()
+        clock.advance(20)
+        late.helo()
+        clock.advance(10)
+        early.collect()
+        late.collect()
+        self.assertEqual((early.connected, late.connected), (False, True))
+        clock.advance(19)
+        late.collect()
+        self.assertTrue(late.connected)
+        clock.advance(1)
+        late.collect()
+        self.assertFalse(late.connected)
+
+
 class ConnectionLimitTests(SynchronousTestCase):
     """The factory serves at most max_connections at once."""
 
