@@ -65,6 +65,7 @@ from txmilt.session import (
     LimitExceeded,
     MacroView,
     Requirements,
+    can_answer,
     negotiate,
 )
 
@@ -145,6 +146,11 @@ def merge_verdicts(verdicts: Sequence[FilterVerdict]) -> FilterVerdict:
         if isinstance(verdict, _REFUSALS):
             return verdict
     return _CONTINUE
+
+
+def _decides(member: _Member, verdict: FilterVerdict) -> bool:
+    """Whether ``verdict`` from ``member`` answers the MTA (a refusal, not in evaluation mode)."""
+    return isinstance(verdict, _REFUSALS) and not member.spec.dry_run
 
 
 def _filter_requirements(milter: IMilter) -> tuple[Requirements, frozenset[type], frozenset[type]]:
@@ -426,6 +432,8 @@ class _Member:
 
 _PENDING: Any = object()
 _SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
+# The command each callback answers, for checking a verdict against session.can_answer.
+_COMMAND_OF = {name: kind for kind, name in CALLBACKS.items()} | {"end_of_message": EndOfMessage}
 # OPTNEG replies already worked out, by filter specs and offer (an MTA makes the same offer every time).
 _REPLIES: dict[tuple[tuple[FilterSpec, ...], Negotiate], NegotiateReply] = {}
 
@@ -680,9 +688,8 @@ class Chain:
 
     def _checked(self, member: _Member, stage: str, verdict: FilterVerdict) -> FilterVerdict:
         """The verdict if it is legal at this stage, else the filter's fallback."""
-        if isinstance(verdict, Skip) and stage != "body":
-            return self._bad_verdict(member, stage, verdict)
-        if isinstance(verdict, Discard) and stage in ("connect", "helo"):
+        kind = _COMMAND_OF.get(stage)
+        if kind is not None and not can_answer(kind, type(verdict)):
             return self._bad_verdict(member, stage, verdict)
         if stage in member.no_reply and not isinstance(verdict, Continue):
             self.log.error(
@@ -744,7 +751,7 @@ class Chain:
         """
         if not any(isinstance(result, Deferred) for result in results):
             for index, verdict in enumerate(results):  # every filter answered at once: no bookkeeping
-                if isinstance(verdict, _REFUSALS) and not targets[index].spec.dry_run:
+                if _decides(targets[index], verdict):
                     return results[: index + 1]
             return results
         settled: list[FilterVerdict] = []
@@ -769,7 +776,7 @@ class Chain:
                     if verdict is _PENDING:
                         return False
                     settled.append(verdict)
-                    if isinstance(verdict, _REFUSALS) and not targets[index].spec.dry_run:
+                    if _decides(targets[index], verdict):
                         for later, deferred in deferreds.items():
                             if later > index and results[later] is _PENDING:
                                 unfinished.add(later)
@@ -801,8 +808,6 @@ class Chain:
     def _decide(self, command: Command, targets: list[_Member], verdicts: list[FilterVerdict]) -> Outcome:
         """Apply the settled verdicts to the filters' state; the MTA's answer."""
         stage = CALLBACKS[type(command)]
-        answer: FilterVerdict | None = None
-        refuser: _Member | None = None
         for member, verdict in zip(targets, verdicts, strict=False):
             self._count(member, stage, verdict)
             if member.spec.dry_run and not isinstance(verdict, Continue):
@@ -818,9 +823,10 @@ class Chain:
                 # else: Accept at UNKNOWN between messages means continue (PROTOCOL.md §5.3)
             elif isinstance(verdict, Skip):
                 member.skipping = True
-            elif isinstance(verdict, _REFUSALS) and not member.spec.dry_run:
-                answer, refuser = verdict, member
-        if answer is not None:
+        counted = [(m, v) for m, v in zip(targets, verdicts, strict=False) if not m.spec.dry_run]
+        answer = merge_verdicts([v for _, v in counted])  # the first refusal in filter order
+        if isinstance(answer, _REFUSALS):
+            refuser = next(m for m, v in counted if v is answer)
             if not isinstance(command, _MESSAGE_SURVIVES):
                 others = [m for m in self._members if m is not refuser]
                 return self._after(self._abort(others), (answer,))
@@ -944,7 +950,7 @@ class Chain:
                     )
                 self._count_changes(member, recorder)
                 continue
-            if isinstance(verdict, _REFUSALS):
+            if _decides(member, verdict):
                 answer = verdict
                 break
             if isinstance(verdict, Accept):

@@ -213,7 +213,21 @@ _STAGE_KEEPERS: Final = (Negotiate, Unknown)
 #: The CONTINUE packet, the answer to almost every command.
 _CONTINUE_FRAME: Final = b"\x00\x00\x00\x01c"
 # Commands at which DISCARD means something (a message is in progress or marked).
-_DISCARD_COMMANDS: Final = (MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown)
+_DISCARD_COMMANDS: Final = frozenset(
+    {MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown}
+)
+
+
+def can_answer(command: type, verdict: type) -> bool:
+    """Whether a verdict of this kind may answer this kind of command (negotiated flags aside).
+
+    SKIP answers only BODY; DISCARD only commands of a message (not CONNECT or HELO).
+    """
+    if verdict is Skip:
+        return command is BodyChunk
+    if verdict is Discard:
+        return command in _DISCARD_COMMANDS
+    return True
 
 #: Protocol bits a milter may ask for without the MTA noticing when they are missing.
 OPTIONAL_PROTOCOL_BITS: Final = ProtocolFlag(
@@ -487,15 +501,11 @@ class _Session:
             return command
         if isinstance(response, ConnectionFail):
             raise error("CONN_FAIL ('f') is handled by no MTA and must not be sent")
-        if isinstance(response, Skip):
-            if not isinstance(command, BodyChunk):
-                raise error(f"SKIP can only answer BODY, not {_describe(command)}")
-            if not self.protocol & ProtocolFlag.SKIP:
+        if isinstance(response, Skip | Discard):
+            if not can_answer(type(command), type(response)):
+                raise error(f"{name.upper()} cannot answer {_describe(command)}")
+            if isinstance(response, Skip) and not self.protocol & ProtocolFlag.SKIP:
                 raise error("SKIP was not negotiated")
-            return command
-        if isinstance(response, Discard):
-            if not isinstance(command, _DISCARD_COMMANDS):
-                raise error(f"DISCARD cannot answer {_describe(command)}")
             return command
         if not isinstance(command, EndOfMessage):
             raise error(f"{name} only allowed at end of message, not in reply to {_describe(command)}")
@@ -690,8 +700,8 @@ class MTASession(_Session):
         """The bytes for ``command``; LocalProtocolError if it may not be sent now."""
         if self._awaiting is not None and not isinstance(command, _NO_REPLY_COMMANDS):
             raise LocalProtocolError(f"{command!r} sent while the reply to {self._awaiting!r} is owed")
-        flag = NO_FLAG.get(type(command))
-        if flag is not None and self.protocol & flag:
+        if not self.wants(type(command)):
+            flag = NO_FLAG[type(command)]
             raise LocalProtocolError(f"the milter switched {_describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
