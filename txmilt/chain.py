@@ -50,7 +50,6 @@ from txmilt.messages import (
     Response,
     Skip,
     TempFail,
-    Unknown,
     split_body,
     strip_leading_space,
 )
@@ -60,6 +59,7 @@ from txmilt.milter import CALLBACKS, FILTER_VERDICTS, Changes, FilterVerdict, ov
 from txmilt.session import (
     NO_FLAG,
     NO_REPLY_FLAG,
+    REFUSAL_KEEPS_MESSAGE,
     TRACKING_EVENTS,
     Disconnected,
     LimitExceeded,
@@ -76,7 +76,7 @@ _REFUSALS = (Reject, TempFail, Discard)
 _FALLBACKS = (TempFail, Accept, Continue, Reject)
 _CONNECTION_LEVEL = (Connect, Helo)
 # Commands at which a refusal leaves the message open (recipient-level, or no message).
-_MESSAGE_SURVIVES = (Connect, Helo, RcptTo, Unknown)
+_MESSAGE_SURVIVES = (*_CONNECTION_LEVEL, *REFUSAL_KEEPS_MESSAGE)
 _HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
 _CONTINUE = Continue()
 # Commands of the message content: after a per-message limit is passed, these get the refusal.

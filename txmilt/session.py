@@ -194,8 +194,8 @@ _TRANSACTION: Final = frozenset({
 })
 _CONTENT: Final = frozenset({Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY})
 
-# Commands after which a refusal leaves the stage alone (more RCPTs may follow).
-_REFUSAL_KEEPS_STAGE: Final = (RcptTo, Unknown)
+#: Commands whose refusal leaves the message open (more RCPTs may follow; PROTOCOL.md §5.3).
+REFUSAL_KEEPS_MESSAGE: Final = (RcptTo, Unknown)
 
 # Macro sets libmilter keeps, by command letter, in lookup order (latest stage first).
 _MACRO_LETTERS: Final = "ENTRMHC"
@@ -485,7 +485,7 @@ class _Session:
             self.stage = Stage.END_OF_MESSAGE
         elif isinstance(reply, Accept) or (
             isinstance(reply, _REFUSALS)
-            and not isinstance(command, _REFUSAL_KEEPS_STAGE)
+            and not isinstance(command, REFUSAL_KEEPS_MESSAGE)
         ):
             self.stage = Stage.HELO
 
