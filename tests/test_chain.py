@@ -113,6 +113,9 @@ class Scripted(Milter):
     def abort(self) -> Result:
         return self.run("abort", None)
 
+    def reset(self) -> Result:
+        return None
+
     def close(self) -> Result:
         return self.run("close", None)
 

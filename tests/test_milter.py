@@ -111,6 +111,9 @@ class Bare:
     def abort(self) -> Result:
         return None
 
+    def reset(self) -> Result:
+        return None
+
     def close(self) -> Result:
         return None
 

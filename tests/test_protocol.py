@@ -441,9 +441,10 @@ class ConnectionEndTests(SynchronousTestCase):
         mta.disconnect()
         self.assertEqual(retired.names, ["connect", "close"])
         for recorder in (first, second):
-            self.assertEqual(recorder.names[-2:], ["abort", "close"])
+            self.assertEqual(recorder.names[-3:], ["abort", "reset", "close"])
             self.assertEqual(recorder.names.count("close"), 1)
             self.assertEqual(recorder.names.count("abort"), 1)
+            self.assertEqual(recorder.names.count("reset"), 1)
         mta.protocol.connectionLost()
         self.assertEqual(first.names.count("close"), 1)
 
@@ -460,7 +461,7 @@ class ConnectionEndTests(SynchronousTestCase):
         mta.disconnect()
         self.assertTrue(pending.called)
         for recorder in (slow, other):
-            self.assertEqual(recorder.names[-2:], ["abort", "close"])
+            self.assertEqual(recorder.names[-3:], ["abort", "reset", "close"])
         self.assertFalse(mta.protocol.factory.connections)
 
     def test_disconnect_between_messages(self) -> None:
@@ -469,7 +470,7 @@ class ConnectionEndTests(SynchronousTestCase):
         mta = FakeMTA([recorder], profile=SENDMAIL)
         mta.message("<a@example.com>", ["<b@example.net>"])
         mta.disconnect()
-        self.assertEqual(recorder.names[-2:], ["end_of_message", "close"])
+        self.assertEqual(recorder.names[-3:], ["end_of_message", "reset", "close"])
 
     def test_quit_closes_transport(self) -> None:
         """QUIT mid-message closes the transport after aborting and closing every filter once."""
@@ -481,7 +482,7 @@ class ConnectionEndTests(SynchronousTestCase):
         self.assertFalse(mta.transport.connected)
         self.assertFalse(mta.connected)
         self.assertEqual(retired.names, ["connect", "close"])
-        self.assertEqual(first.names, ["connect", "mail_from", "abort", "close"])
+        self.assertEqual(first.names, ["connect", "mail_from", "abort", "reset", "close"])
         self.assertEqual(second.names, first.names)
 
 

@@ -380,7 +380,7 @@ class StepTests(SynchronousTestCase):
         mta.mail_from("<a@example.com>")
         self.assertEqual(mta.disconnect(), [])
         self.assertFalse(mta.connected)
-        self.assertEqual(recorder.names, ["connect", "mail_from", "abort", "close"])
+        self.assertEqual(recorder.names, ["connect", "mail_from", "abort", "reset", "close"])
         self.assertRaises(LocalProtocolError, mta.rcpt_to, "<b@example.net>")
 
     def test_quit(self) -> None:
@@ -559,7 +559,7 @@ class MessageTests(SynchronousTestCase):
         self.assertFalse(result.delivered)
         self.assertEqual(result.recipients, [])
         self.assertEqual(letters([s.command for s in result.steps]), "O C H M R R A")
-        self.assertEqual(recorder.names[-1], "abort")
+        self.assertEqual(recorder.names[-2:], ["abort", "reset"])
 
     def test_message_refusals_stop(self) -> None:
         """A refusal at MAIL, DATA, a header, EOH or a body chunk ends the message there."""
@@ -671,7 +671,7 @@ class RecordingMilterTests(SynchronousTestCase):
         mta.quit()
         self.assertEqual(recorder.names, [
             "connect", "helo", "mail_from", "rcpt_to", "data", "header", "end_of_headers", "body",
-            "end_of_message", "close",
+            "end_of_message", "reset", "close",
         ])
         self.assertEqual(recorder.calls[2], Call("mail_from", MailFrom("<a@example.com>"), {
             "i": "5A1BcDeF012345", "mail_mailer": "esmtp", "mail_host": "example.com", "mail_addr": "a@example.com",

@@ -703,7 +703,7 @@ class Chain:
         """What a failed callback answers, and how the log says so."""
         if stage == "end_of_message":
             member.failed = True
-        if stage in ("abort", "close"):
+        if stage in ("abort", "reset", "close"):
             return _CONTINUE, "carrying on"
         if stage in member.no_reply:
             # The MTA reads no reply here (or the filter promised it only observes): never refuse.
@@ -808,6 +808,7 @@ class Chain:
     def _decide(self, command: Command, targets: list[_Member], verdicts: list[FilterVerdict]) -> Outcome:
         """Apply the settled verdicts to the filters' state; the MTA's answer."""
         stage = CALLBACKS[type(command)]
+        resets: list[Deferred[Any] | None] = []
         for member, verdict in zip(targets, verdicts, strict=False):
             self._count(member, stage, verdict)
             if member.spec.dry_run and not isinstance(verdict, Continue):
@@ -820,26 +821,28 @@ class Chain:
                     member.retired_for_connection = True
                 elif member.in_message:
                     member.retired = True
+                    resets.append(self._reset(member))  # the message is over for this filter
                 # else: Accept at UNKNOWN between messages means continue (PROTOCOL.md §5.3)
             elif isinstance(verdict, Skip):
                 member.skipping = True
+        settled = _all_of([d for d in resets if d is not None])
         counted = [(m, v) for m, v in zip(targets, verdicts, strict=False) if not m.spec.dry_run]
         answer = merge_verdicts([v for _, v in counted])  # the first refusal in filter order
         if isinstance(answer, _REFUSALS):
             refuser = next(m for m, v in counted if v is answer)
             if not isinstance(command, _MESSAGE_SURVIVES):
                 others = [m for m in self._members if m is not refuser]
-                return self._after(self._abort(others), (answer,))
-            return (answer,)
+                return self._after(_both(settled, self._abort(others)), (answer,))
+            return self._after(settled, (answer,))
         if self._all_accepted():
             if not isinstance(command, _CONNECTION_LEVEL):
-                self._end_message()
-            return (Accept(),)
+                settled = _both(settled, self._end_message())
+            return self._after(settled, (Accept(),))
         if isinstance(command, BodyChunk) and self._negotiated is not None:
             readers = [m for m in self._members if m.active and BodyChunk in m.receives]
             if readers and all(m.skipping for m in readers) and self._negotiated.protocol & ProtocolFlag.SKIP:
-                return (Skip(),)
-        return (_CONTINUE,)
+                return self._after(settled, (Skip(),))
+        return self._after(settled, (_CONTINUE,))
 
     def _all_accepted(self) -> bool:
         """Whether every filter that counts (not in evaluation mode) has accepted."""
@@ -866,12 +869,38 @@ class Chain:
             if member.whole_body:
                 member.drop_body()
 
-    def _end_message(self) -> None:
+    def _end_message(self) -> Deferred[Any] | None:
+        """The message is over for every filter: reset() those still in it; a Deferred if one is slow."""
         self._headers = []
+        pending = []
         for member in self._members:
-            member.retired = member.skipping = member.in_message = False
+            reset = self._reset(member)
+            if reset is not None:
+                pending.append(reset)
+            member.retired = member.skipping = False
             if member.whole_body:
                 member.drop_body()
+        return _all_of(pending)
+
+    def _reset(self, member: _Member) -> Deferred[Any] | None:
+        """Call ``reset()`` of a filter whose message just ended (once per message); a Deferred if slow."""
+        if not member.in_message:
+            return None
+        member.in_message = False
+        return self._call_quietly(member, "reset")
+
+    def _call_quietly(self, member: _Member, stage: str) -> Deferred[Any] | None:
+        """Call a callback whose verdict does not count (abort, reset, close); a Deferred if it is slow."""
+        try:
+            value = getattr(member.milter, stage)()
+        except Exception:
+            self._failed(member, stage, Failure(), "error")
+            return None
+        if inspect.iscoroutine(value):
+            value = Deferred.fromCoroutine(value)
+        if isinstance(value, Deferred):
+            return self._quietly(member, stage, value)
+        return None
 
     def _end_of_message(self, command: EndOfMessage, macros: MacroView) -> Outcome:
         if command.data:
@@ -964,8 +993,7 @@ class Chain:
         for warning in merged.warnings:
             self.log.warn("[{conn}] {conflict}", conn=self.connection_id, conflict=warning)
         final: FilterVerdict = Accept() if self._all_accepted() else _CONTINUE
-        self._end_message()
-        return (*merged.modifications, final)
+        return self._after(self._end_message(), (*merged.modifications, final))
 
     def _count_changes(self, member: _Member, recorder: Changes) -> None:
         if self._observer is None:
@@ -978,17 +1006,13 @@ class Chain:
         pending = []
         for member in members:
             if member.in_message and member.active:
-                try:
-                    value = member.milter.abort()
-                except Exception:
-                    self._failed(member, "abort", Failure(), "error")
-                    continue
-                if inspect.iscoroutine(value):
-                    value = Deferred.fromCoroutine(value)
-                if isinstance(value, Deferred):
-                    pending.append(self._quietly(member, "abort", value))
-        self._end_message()
-        return _all_of(pending)
+                aborted = self._call_quietly(member, "abort")
+                if aborted is not None:
+                    pending.append(aborted)
+        if pending:
+            # reset() comes after abort() has settled.
+            return gatherResults(pending, consumeErrors=True).addBoth(lambda _: self._end_message())
+        return self._end_message()
 
     def close(self) -> Deferred[Any] | None:
         """Call every filter's ``close`` once; later calls do nothing."""
@@ -1002,15 +1026,9 @@ class Chain:
             if member.closed:
                 continue
             member.closed = True
-            try:
-                value = member.milter.close()
-            except Exception:
-                self._failed(member, "close", Failure(), "error")
-                continue
-            if inspect.iscoroutine(value):
-                value = Deferred.fromCoroutine(value)
-            if isinstance(value, Deferred):
-                pending.append(self._quietly(member, "close", value))
+            closed = self._call_quietly(member, "close")
+            if closed is not None:
+                pending.append(closed)
         return _all_of(pending)
 
     def connection_lost(self, in_transaction: bool) -> None:
@@ -1081,6 +1099,11 @@ def _all_of(pending: list[Deferred[Any]]) -> Deferred[Any] | None:
     if not pending:
         return None
     return gatherResults(pending, consumeErrors=True).addErrback(lambda _: None)
+
+
+def _both(first: Deferred[Any] | None, second: Deferred[Any] | None) -> Deferred[Any] | None:
+    """One Deferred for two pieces of work that may each be done already (None)."""
+    return _all_of([d for d in (first, second) if d is not None])
 
 
 def _describe(changes: Changes) -> list[str]:

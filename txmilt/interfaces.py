@@ -70,7 +70,20 @@ class IMilter(Interface):
         """Judge an SMTP command the MTA did not recognise."""
 
     def abort() -> Result:
-        """Forget the current message; the verdict, if any, is ignored."""
+        """The message was abandoned before its end (libmilter's ``xxfi_abort``); the verdict is ignored.
+
+        Called when the MTA aborts an open message (RSET, a refusal by the MTA or
+        by another filter, a new MAIL or HELO mid-message, the connection lost),
+        not after end of message and not for a filter that accepted the message.
+        """
+
+    def reset() -> Result:
+        """The message is over for this filter, however it ended; the verdict is ignored.
+
+        Called exactly once per message the filter took part in: after end of
+        message is answered, after ``abort``, when a refusal ends the message,
+        when this filter accepted it, or when the connection closes mid-message.
+        """
 
     def close() -> Result:
         """The SMTP session is over; called exactly once."""

@@ -261,7 +261,11 @@ class Milter:
         return None
 
     def abort(self) -> Result:
-        """Forget the current message."""
+        """The message was abandoned before its end (libmilter's ``xxfi_abort``)."""
+        return None
+
+    def reset(self) -> Result:
+        """The message is over for this filter, however it ended: clear per-message state here."""
         return None
 
     def close(self) -> Result:

@@ -291,6 +291,10 @@ class RemoteMilter:
             self._ready().addCallback(lambda client: client.abort()).addErrback(lambda _: None)
         return None
 
+    def reset(self) -> Result:
+        """Nothing to do: the remote milter tracks its messages from the commands it is sent."""
+        return None
+
     def close(self) -> Result:
         """Send QUIT and close the remote connection (drop it if it still owes a reply)."""
         self._closed = True

@@ -75,6 +75,7 @@ from txmilt.messages import (
     strip_leading_space,
 )
 from txmilt.milter import Changes, FilterVerdict, Milter, Result
+from txmilt.mta import DEFAULT_MACROS, MTA, Message, apply_modifications
 from txmilt.protocol import MilterFactory, MilterProtocol
 from txmilt.session import NEED_DATA, Disconnected, MTASession
 
@@ -128,22 +129,11 @@ class MTAProfile:
     body_chunk_size: int = MAX_BODY_CHUNK
 
 
-_TLS_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
-
 #: Postfix 3.x with its default ``milter_*_macros`` (PROTOCOL.md §6).
 POSTFIX = MTAProfile(
     name="Postfix",
     offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
-    macro_names=types.MappingProxyType({
-        MacroStage.CONNECT: ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
-        MacroStage.HELO: _TLS_MACROS,
-        MacroStage.MAIL: ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}", "{mail_host}",
-                          "{mail_mailer}"),
-        MacroStage.RCPT: ("i", "{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}"),
-        MacroStage.DATA: ("i",),
-        MacroStage.END_OF_HEADERS: ("i",),
-        MacroStage.END_OF_MESSAGE: ("i",),
-    }),
+    macro_names=DEFAULT_MACROS[MTA.POSTFIX],
     macro_values=types.MappingProxyType({
         "j": "mx.example.net",
         "daemon_name": "mx.example.net",
@@ -166,14 +156,7 @@ POSTFIX = MTAProfile(
 SENDMAIL = MTAProfile(
     name="Sendmail",
     offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
-    macro_names=types.MappingProxyType({
-        MacroStage.CONNECT: ("j", "_", "{daemon_name}", "{if_name}", "{if_addr}"),
-        MacroStage.HELO: _TLS_MACROS,
-        MacroStage.MAIL: ("i", "{auth_type}", "{auth_authen}", "{auth_ssf}", "{auth_author}", "{mail_mailer}",
-                          "{mail_host}", "{mail_addr}"),
-        MacroStage.RCPT: ("{rcpt_mailer}", "{rcpt_host}", "{rcpt_addr}"),
-        MacroStage.END_OF_MESSAGE: ("{msg_id}",),
-    }),
+    macro_names=DEFAULT_MACROS[MTA.SENDMAIL],
     macro_values=types.MappingProxyType({
         "j": "mx.example.net",
         "daemon_name": "MTA",
@@ -793,39 +776,15 @@ class FakeMTA:
         return strip_leading_space(value) if self.leading_space else value
 
     def _apply(self, result: MessageResult, modifications: Sequence[Modification]) -> None:
-        """Apply modifications to the message as Postfix does (PROTOCOL.md §3.3-3.5)."""
-        # None stands for the MTA's own Received: header, hidden from milters, above all others.
-        headers: list[tuple[str, str] | None] = [None, *result.headers]
-        replaced = False
-        for change in modifications:
-            if isinstance(change, AddHeader):
-                headers.append((change.name, self._stored(change.value)))
-            elif isinstance(change, InsertHeader):
-                headers.insert(min(change.index, len(headers)), (change.name, self._stored(change.value)))
-            elif isinstance(change, ChangeHeader):
-                key = change.name.lower()
-                found = [n for n, h in enumerate(headers) if h is not None and h[0].lower() == key]
-                index = max(change.index, 1)
-                if index <= len(found):
-                    if change.value:
-                        headers[found[index - 1]] = (change.name, self._stored(change.value))
-                    else:
-                        del headers[found[index - 1]]
-                elif change.value:
-                    headers.append((change.name, self._stored(change.value)))
-            elif isinstance(change, ChangeFrom):
-                result.sender, result.sender_args = change.address, change.args or ()
-            elif isinstance(change, AddRecipient):
-                result.recipients.append((change.address, change.args or ()))
-            elif isinstance(change, DeleteRecipient):
-                gone = _bare_address(change.address)
-                result.recipients = [r for r in result.recipients if _bare_address(r[0]) != gone]
-            elif isinstance(change, ReplaceBody):
-                result.body = (result.body if replaced else b"") + change.data
-                replaced = True
-            elif isinstance(change, Quarantine):
-                result.quarantined = change.reason
-        result.headers = [h for h in headers if h is not None]
+        """Apply modifications to the message as the MTA does (PROTOCOL.md §3.3-3.5)."""
+        message = Message(
+            list(result.headers), result.body, result.sender, result.sender_args, list(result.recipients),
+            result.quarantined,
+        )
+        apply_modifications(message, modifications, self._stored)
+        result.headers, result.body = message.headers, message.body
+        result.sender, result.sender_args = message.sender, message.sender_args
+        result.recipients, result.quarantined = message.recipients, message.quarantined
 
 
 def _as_member(member: FilterMember) -> FilterSpec | Callable[[], IMilter]:
@@ -845,9 +804,9 @@ def _as_member(member: FilterMember) -> FilterSpec | Callable[[], IMilter]:
 class Call:
     """One callback a RecordingMilter received."""
 
-    #: The callback's name (``"connect"`` ... ``"close"``).
+    #: The callback's name (``"connect"`` ... ``"reset"``, ``"close"``).
     name: str
-    #: The command it was given, the ``Changes`` for end_of_message, None for abort and close.
+    #: The command it was given, the ``Changes`` for end_of_message, None for abort, reset and close.
     argument: object
     #: The macro values visible at the call.
     macros: Mapping[str, str]
@@ -957,6 +916,10 @@ class RecordingMilter(Milter):
     def abort(self) -> Result:
         """Record an abort."""
         return self._record("abort", None)
+
+    def reset(self) -> Result:
+        """Record the end of a message."""
+        return self._record("reset", None)
 
     def close(self) -> Result:
         """Record the end of the session."""
