@@ -364,7 +364,11 @@ def conversations(draw: st.DrawFn, max_messages: int = 2) -> Conversation:
             return
         for _ in range(draw(st.integers(1, 3))):
             if draw(st.integers(0, 4)) == 0 and not protocol & ProtocolFlag.NO_UNKNOWN:
-                send(draw(_UNKNOWNS), final=ending)
+                verdict = send(draw(_UNKNOWNS), final=ending)
+                if isinstance(verdict, Accept):  # the milter is done with the message (libmilter: state HELO)
+                    state["open"] = False
+                    abort(draw(st.integers(0, 1)) if postfix else 0)
+                    return
             verdict = send(draw(_RCPTS), final=(*ending, Discard()))
             if isinstance(verdict, Accept):
                 state["open"] = False

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from txmilt.chain import Chain, FilterSpec, verify_filters
+from txmilt.codec import encode
 from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
@@ -34,6 +35,7 @@ from txmilt.messages import (
     Header,
     Helo,
     InsertHeader,
+    Macros,
     MacroStage,
     MailFrom,
     Negotiate,
@@ -49,7 +51,7 @@ from txmilt.messages import (
     Unknown,
 )
 from txmilt.milter import Changes, Milter, Result
-from txmilt.session import EMPTY_MACROS, Disconnected, MacroView
+from txmilt.session import NEED_DATA, Disconnected, MilterSession, Notice
 
 CONN = "conn-7"
 
@@ -272,8 +274,8 @@ def pending(cancelled: list[str] | None = None, name: str = "") -> Deferred[Any]
     return Deferred(lambda _: cancelled.append(name) if cancelled is not None else None)
 
 
-def macros(**values: str) -> MacroView:
-    return MacroView((values,))
+def macros(**values: str) -> dict[str, str]:
+    return values
 
 
 def full_text(event: LogEvent) -> str:
@@ -287,7 +289,11 @@ def full_text(event: LogEvent) -> str:
 class ChainCase(SynchronousTestCase):
     """Shared set-up: a clock, a filter pool, a recording observer and a log capture."""
 
+    #: The chain order the tests of the class run in.
+    order = "concurrent"
+
     def setUp(self) -> None:
+        self.sessions: dict[Chain, MilterSession] = {}
         self.clock = Clock()
         self.pool = Pool()
         self.observer = RecordingObserver()
@@ -306,22 +312,59 @@ class ChainCase(SynchronousTestCase):
         chain = Chain(
             filters, self.clock, connection_id=CONN, progress_interval=interval,
             send_progress=lambda: self.progress.append(self.clock.seconds()), observer=self.observer,
+            chain_order=self.order,
         )
-        chain.negotiate(offer or Negotiate())
+        session = self.sessions[chain] = MilterSession()
+        session.receive_data(encode(offer or Negotiate()))
+        event = session.next_event()
+        assert isinstance(event, Negotiate)
+        session.send(chain.negotiate(event))
         return chain
 
+    def handle(self, chain: Chain, command: Command | Disconnected, values: Mapping[str, str]) -> Any:
+        """Pass ``command`` (and its macros) through the chain's session to the chain, as the protocol does.
+
+        The session may turn one command into two events (an implicit abort first); the outcome of the
+        last is returned. Replies are sent through the session as they come, so it keeps its stage.
+        """
+        session = self.sessions[chain]
+        if isinstance(command, Disconnected):
+            session.receive_data(b"")
+        else:
+            pairs = tuple(values.items())
+            prefix = encode(Macros(command.letter, pairs)) if pairs else b""
+            session.receive_data(prefix + encode(command))
+        outcome: Any = ()
+        while (event := session.next_event()) is not NEED_DATA:
+            assert not isinstance(event, Notice | Negotiate)
+            outcome = chain.handle(event, session)
+            if isinstance(outcome, Deferred):
+                outcome.addCallback(self.sent, session)
+                break
+            self.sent(outcome, session)
+        return outcome
+
+    @staticmethod
+    def sent(responses: Sequence[Response], session: MilterSession) -> Sequence[Response]:
+        if session.reply_due:
+            for response in responses:
+                session.send(response)
+        return responses
+
     def now(
-        self, chain: Chain, command: Command | Disconnected, values: MacroView = EMPTY_MACROS
+        self, chain: Chain, command: Command | Disconnected, values: Mapping[str, str] | None = None
     ) -> tuple[Response, ...]:
         """Handle ``command``; it must be answered at once."""
-        outcome = chain.handle(command, values)
+        outcome = self.handle(chain, command, values or {})
         self.assertNotIsInstance(outcome, Deferred)
         assert not isinstance(outcome, Deferred)
         return tuple(outcome)
 
-    def later(self, chain: Chain, command: Command | Disconnected, values: MacroView = EMPTY_MACROS) -> Deferred[Any]:
+    def later(
+        self, chain: Chain, command: Command | Disconnected, values: Mapping[str, str] | None = None
+    ) -> Deferred[Any]:
         """Handle ``command``; the answer must be pending."""
-        outcome = chain.handle(command, values)
+        outcome = self.handle(chain, command, values or {})
         self.assertIsInstance(outcome, Deferred)
         assert isinstance(outcome, Deferred)
         self.assertNoResult(outcome)
@@ -395,10 +438,14 @@ class NegotiationTests(ChainCase):
         self.assertFalse(reply.protocol & ~ProtocolFlag(0x7F))
 
     def test_macros_union(self) -> None:
-        """Macro requests are unioned per stage in filter order without duplicates."""
+        """Macro requests are unioned per stage in filter order without duplicates, with the MTAs' defaults."""
         reply = Chain([MacroWanter, OtherMacroWanter], self.clock).negotiate(Negotiate())
         self.assertEqual(dict(reply.macros), {
-            MacroStage.CONNECT: ("j", "{client_addr}", "{daemon_name}"), MacroStage.END_OF_MESSAGE: ("i",),
+            # Postfix's and Sendmail's default lists follow: a requested list replaces them.
+            MacroStage.CONNECT: (
+                "j", "{client_addr}", "{daemon_name}", "{daemon_addr}", "v", "_", "{if_name}", "{if_addr}",
+            ),
+            MacroStage.END_OF_MESSAGE: ("i", "{msg_id}"),
         })
         self.assertTrue(reply.actions & Action.SET_MACRO_LIST)
 
@@ -432,6 +479,7 @@ class NegotiationTests(ChainCase):
         self.assertEqual(
             [c for s, c in plain.calls if s == "header"], [Header("Subject", "hello"), Header("X-Tight", "tight")]
         )
+        self.now(chain, EndOfHeaders())
         responses = self.now(chain, EndOfMessage())
         self.assertEqual(responses, (
             AddHeader("X-Added", " spaced"), ChangeHeader(1, "Subject", " spaced"), ChangeHeader(1, "X-Old", ""),
@@ -447,6 +495,7 @@ class NegotiationTests(ChainCase):
         self.open_message(chain)
         self.now(chain, Header("Subject", " hello"))
         self.assertEqual(plain.calls[-1], ("header", Header("Subject", " hello")))
+        self.now(chain, EndOfHeaders())
         self.assertEqual(self.now(chain, EndOfMessage()), (AddHeader("X-Added", "plain"), Continue()))
 
     def test_missing_action_names_filter(self) -> None:
@@ -624,9 +673,15 @@ class FanOutTests(ChainCase):
         self.assertEqual(self.now(chain, Connect("client.example")), (Accept(),))
 
     def test_accept_ignores_dry_run(self) -> None:
-        """A filter in evaluation mode does not hold back the Accept of the others."""
+        """A filter in evaluation mode does not hold back the others' Accept, and goes on seeing the message."""
         chain = self.chain(self.pool.scripted("a", {"mail_from": Accept()}), self.pool.scripted("b", dry_run=True))
-        self.assertEqual(self.now(chain, MailFrom("<s@example.com>")), (Accept(),))
+        self.now(chain, Connect("client.example"))
+        # Continue rather than Accept, so that the MTA goes on sending the message for the dry run.
+        self.assertEqual(self.now(chain, MailFrom("<s@example.com>")), (Continue(),))
+        self.assertEqual(self.now(chain, RcptTo("<r@example.com>")), (Continue(),))
+        self.assertEqual(self.pool["a"].stages(), ["connect", "mail_from"])
+        self.assertEqual(self.pool["b"].stages(), ["connect", "mail_from", "rcpt_to"])
+        self.assertEqual(self.now(chain, EndOfMessage()), (Accept(),))
 
     def test_skip_by_some(self) -> None:
         """Skip by some body readers continues; the skipper gets no more chunks."""
@@ -664,6 +719,7 @@ class FanOutTests(ChainCase):
         self.now(chain, BodyChunk(b"one"))
         self.now(chain, EndOfMessage())
         self.now(chain, MailFrom("<s@example.com>"))
+        self.now(chain, RcptTo("<r@example.com>"))
         self.now(chain, BodyChunk(b"two"))
         self.assertEqual(self.pool["a"].count("body"), 2)
 
@@ -1119,6 +1175,7 @@ class EndOfMessageTests(ChainCase):
         self.send_headers(chain, ("Received", "from a"), ("Received", "from b"))
         self.now(chain, EndOfMessage())
         self.now(chain, MailFrom("<s@example.com>"))
+        self.now(chain, RcptTo("<r@example.com>"))
         self.send_headers(chain, ("Received", "from c"))
         self.assertEqual(self.now(chain, EndOfMessage()), (
             ChangeHeader(1, "Received", ""), ChangeHeader(1, "Received", ""), Continue(),
@@ -1231,6 +1288,7 @@ class EndOfMessageTests(ChainCase):
         self.assertEqual(self.successResultOf(outcome), (AddHeader("X-Two", "2"), Continue()))
         self.pool["e0"].script["end_of_message"] = adds("X-One", "1")
         self.now(chain, MailFrom("<s@example.com>"))
+        self.now(chain, RcptTo("<r@example.com>"))
         self.assertEqual(
             self.now(chain, EndOfMessage()), (AddHeader("X-One", "1"), AddHeader("X-Two", "2"), Continue())
         )
@@ -1439,7 +1497,7 @@ class CloseTests(ChainCase):
         chain = self.chain(self.pool.scripted("a", {"end_of_message": Deferred()}), self.pool.scripted("b"))
         self.open_message(chain)
         outcome = self.later(chain, EndOfMessage())
-        chain.connection_lost(False)
+        chain.connection_lost(self.sessions[chain].in_transaction)  # the message is open until answered
         self.assertEqual(self.successResultOf(outcome), ())
         for name in ("a", "b"):
             self.assertEqual(self.pool[name].stages()[-2:], ["abort", "close"])
@@ -1499,8 +1557,9 @@ class CloseTests(ChainCase):
         self.assertEqual(len(self.pool.made["b"]), 2)
         self.now(chain, Connect("again.example"))
         self.now(chain, MailFrom("<s@example.com>"))
+        self.now(chain, RcptTo("<r@example.com>"))
         self.now(chain, Header("Subject", " hi"))
-        self.assertEqual(self.pool["a"].stages(), ["connect", "mail_from", "header"])
+        self.assertEqual(self.pool["a"].stages(), ["connect", "mail_from", "rcpt_to", "header"])
         self.assertEqual(self.pool["b"].stages(), ["connect"])
         self.assertEqual(self.pool["a"].calls[-1], ("header", Header("Subject", " hi")))
         self.now(chain, Quit())

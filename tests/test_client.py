@@ -257,7 +257,7 @@ class SendTests(SynchronousTestCase):
         """A command the session forbids fails its Deferred; the connection stays usable."""
         h = Harness()
         h.negotiate()
-        d = h.client.send(Helo("early"))
+        d = h.client.send(RcptTo("<early@example.com>"))
         self.failureResultOf(d, LocalProtocolError)
         self.assertEqual(h.take(), b"")
         ok = h.client.send(CLIENT_CONNECT)

@@ -429,7 +429,6 @@ class MalformedCommandTests(SynchronousTestCase):
             ("U", b"XFOO", "UNKNOWN"),
             ("C", b"host", "CONNECT"),
             ("C", b"host\x004\x00\x19192.0.2.1", "CONNECT"),
-            ("D", b"Cj\0value", "MACRO"),
         ):
             self.assert_refused(letter, payload, name, repr(letter))
 
@@ -539,11 +538,18 @@ class MacroPacketTests(SynchronousTestCase):
         """A macro packet with only its letter is legal and has no pairs."""
         self.assertEqual(decode_command("D", b"U"), Macros("U"))
 
-    def test_odd_strings(self) -> None:
-        """A macro packet with a name but no value is refused."""
-        error = self.assertRaises(RemoteProtocolError, decode_command, "D", b"Cj\0mx\0_\0")
-        self.assertIn("MACRO", str(error))
-        self.assertIn("'C'", str(error))
+    def test_damaged(self) -> None:
+        """A damaged macro packet keeps its whole pairs and says what was wrong, as libmilter ignores damage."""
+        odd = decode_command("D", b"Cj\0mx\0_\0")
+        self.assertEqual(odd, Macros("C", (("j", "mx"),)))
+        assert isinstance(odd, Macros)
+        self.assertIn("'_' has no value", odd.damage)
+        unterminated = decode_command("D", b"Cj\0mx\0_\0value")
+        self.assertEqual(unterminated, Macros("C", (("j", "mx"),)))
+        assert isinstance(unterminated, Macros)
+        self.assertIn("does not end with NUL", unterminated.damage)
+        self.assertIn("'_' has no value", unterminated.damage)
+        self.assertEqual(decode_command("D", b"Cj\0mx\0"), Macros("C", (("j", "mx"),), ""))
 
     def test_unknown_letter(self) -> None:
         """Macro packets for any letter decode; the session decides what to keep."""

@@ -66,6 +66,7 @@ from txmilt.session import (
     OPTIONAL_PROTOCOL_BITS,
     Disconnected,
     MilterSession,
+    Notice,
     Requirements,
     Stage,
     negotiate,
@@ -143,6 +144,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.dead = False  # negotiation impossible: a milter closes without a reply
         self.eof = False
         self.in_message = False
+        self.noticed = False
         self.headers = 0
         self.header_bytes = 0
 
@@ -179,6 +181,8 @@ class SessionMachine(RuleBasedStateMachine):
                 return
             assert not self.errored and not self.closed, f"{event!r} after the session was over"
             self.check_event(event)
+            if isinstance(event, Notice):
+                continue
             if self.session.reply_due:
                 self.answer(event, draw)
                 if self.dead:
@@ -186,7 +190,12 @@ class SessionMachine(RuleBasedStateMachine):
 
     # -- checks
 
-    def check_event(self, event: Command | Disconnected) -> None:
+    def check_event(self, event: Command | Disconnected | Notice) -> None:
+        if isinstance(event, Notice):
+            assert not self.session.reply_due
+            assert not self.noticed, "a second notice on one connection"
+            self.noticed = True
+            return
         self.events += 1
         if isinstance(event, Negotiate):
             assert self.events == 1, "a second OPTNEG was let through"
@@ -262,12 +271,10 @@ class SessionMachine(RuleBasedStateMachine):
         self.refuse_second(final)
         if isinstance(command, EndOfMessage):
             self.in_message = False
-        elif isinstance(command, Unknown):
-            pass  # an answer to UNKNOWN leaves the stage as it was
         elif isinstance(final, Accept) or (
-            isinstance(final, Reject | TempFail | Discard | Shutdown) and not isinstance(command, RcptTo)
+            isinstance(final, Reject | TempFail | Discard | Shutdown) and not isinstance(command, RcptTo | Unknown)
         ):
-            self.in_message = False
+            self.in_message = False  # a refused recipient or unknown command leaves the message open
 
     def finals(self, command: Command) -> list[st.SearchStrategy[Response]]:
         """Every final reply legal for ``command``."""

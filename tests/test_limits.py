@@ -289,8 +289,9 @@ class WholeBodyTests(SynchronousTestCase):
         (member,) = mta.protocol.chain._members
         spool = member.spool
         assert spool is not None
+        file = spool.file()
         mta.abort()
-        self.assertTrue(spool.closed)
+        self.assertTrue(file.closed)
         self.assertIsNone(member.spool)
 
     def test_disconnect_drops_the_body(self) -> None:
@@ -304,8 +305,9 @@ class WholeBodyTests(SynchronousTestCase):
         (member,) = mta.protocol.chain._members
         spool = member.spool
         assert spool is not None
+        file = spool.file()
         mta.disconnect()
-        self.assertTrue(spool.closed)
+        self.assertTrue(file.closed)
 
     def test_async_end_of_message(self) -> None:
         """The file stays readable until a Deferred end_of_message settles."""

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from txmilt.chain import merge_changes, merge_requirements, merge_verdicts
+from txmilt.merge import merge_changes, merge_requirements, merge_verdicts
 from txmilt.messages import (
     MAX_BODY_CHUNK,
     Accept,

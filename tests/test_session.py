@@ -464,9 +464,13 @@ class OrderTests(SynchronousTestCase):
         feed(session, CONNECT, HELO, MAIL, RCPT, Data())
         self.assert_refused(session, Data(), "DATA ('T')", "stage DATA")
 
-    def test_mail_before_connect(self) -> None:
-        """MAIL before CONNECT is refused (unless CONNECT was switched off)."""
-        self.assert_refused(milter(), MAIL, "MAIL ('M')", "after OPTNEG")
+    def test_before_connect(self) -> None:
+        """HELO or MAIL before CONNECT is taken as libmilter takes it: as if after HELO; RCPT is refused."""
+        self.assertEqual(feed(milter(), HELO), [HELO])
+        session = milter()
+        self.assertEqual(feed(session, MAIL), [MAIL])
+        self.assertTrue(session.in_transaction)
+        self.assert_refused(milter(), RCPT, "RCPT ('R')", "after OPTNEG")
 
     def test_second_optneg(self) -> None:
         """A second OPTNEG is refused, also after QUIT_NC."""
@@ -482,13 +486,23 @@ class OrderTests(SynchronousTestCase):
             self.assert_refused(MilterSession(), command, "before OPTNEG")
 
     def test_unknown_inside_content(self) -> None:
-        """UNKNOWN between DATA and end of message is refused; elsewhere it keeps the stage."""
+        """UNKNOWN between DATA and end of message abandons the message first, as libmilter does."""
         session = milter()
         self.assertEqual(feed(session, CONNECT, Unknown("X"), HELO, Unknown("Y"), MAIL, Unknown("Z"), RCPT),
                          [CONNECT, Unknown("X"), HELO, Unknown("Y"), MAIL, Unknown("Z"), RCPT])
         self.assertEqual(session.stage, Stage.RCPT)
         feed(session, Data())
-        self.assert_refused(session, Unknown("XFOO"), "UNKNOWN ('U')", "stage DATA")
+        self.assertEqual(feed(session, Unknown("XFOO")), [Abort(), Unknown("XFOO")])
+        self.assertFalse(session.in_transaction)
+
+    def test_after_unknown(self) -> None:
+        """After UNKNOWN libmilter takes RCPT, DATA and BODY wherever UNKNOWN came from."""
+        session = milter()
+        self.assertEqual(feed(session, CONNECT, MAIL, Unknown("X"), Data()), [CONNECT, MAIL, Unknown("X"), Data()])
+        self.assertTrue(session.in_transaction)
+        session = milter(ProtocolFlag.NO_HEADERS | ProtocolFlag.NO_EOH)
+        events = feed(session, CONNECT, MAIL, RCPT, Unknown("X"), BODY)
+        self.assertEqual(events, [CONNECT, MAIL, RCPT, Unknown("X"), BODY])
 
     def test_unknown_letter(self) -> None:
         """An unknown command letter names the letter and the stage."""
@@ -509,7 +523,6 @@ class OrderTests(SynchronousTestCase):
             ((CONNECT, HELO, MAIL, RCPT, Data()), frame("L", b"Subject\0"), ("HEADER", "stage DATA")),
             ((CONNECT, HELO, MAIL, RCPT, Data(), EndOfHeaders()), frame("B"), ("BODY", "stage EOH")),
             ((CONNECT, HELO, MAIL, RCPT, Data(), EndOfHeaders()), frame("D"), ("MACRO", "stage EOH")),
-            ((CONNECT, HELO), frame("D", b"Mj\0"), ("MACRO", "'M'", "stage HELO")),
             ((CONNECT, HELO), frame("U", b""), ("UNKNOWN", "stage HELO")),
             ((CONNECT, HELO), frame("A", b"x"), ("ABORT", "stage HELO")),
             ((CONNECT, HELO), frame("O", b"\0" * 11), ("OPTNEG", "stage HELO")),
@@ -960,13 +973,19 @@ class RefusalFlowTests(SynchronousTestCase):
         self.assertEqual(session.stage, Stage.BODY)
         self.assertEqual(feed(session, EndOfMessage()), [EndOfMessage()])
 
-    def test_unknown_refusal_keeps_stage(self) -> None:
-        """Any verdict to UNKNOWN leaves the stage alone."""
-        for verdict in (Reject(), TempFail(), Accept(), Discard()):
+    def test_unknown_refusal_keeps_message(self) -> None:
+        """A refusal (or discard) of UNKNOWN leaves the message open; Accept ends it (libmilter: state HELO)."""
+        for verdict in (Reject(), TempFail(), Discard()):
             session = milter()
             feed(session, CONNECT, MAIL)
             feed(session, Unknown("X"), reply=verdict)
-            self.assertEqual(session.stage, Stage.MAIL)
+            self.assertTrue(session.in_transaction, verdict)
+            self.assertEqual(feed(session, RCPT), [RCPT], verdict)
+        session = milter()
+        feed(session, CONNECT, MAIL)
+        feed(session, Unknown("X"), reply=Accept())
+        self.assertFalse(session.in_transaction)
+        self.assertEqual(session.stage, Stage.HELO)
 
     def test_connect_refusal(self) -> None:
         """A refusal at CONNECT leaves the session open for QUIT."""

@@ -214,22 +214,30 @@ class ProfileTests(SynchronousTestCase):
         ))])
 
     def test_requested_macros_replace_defaults(self) -> None:
-        """The milter's requested list is sent for its stage, in its order, only names with a value."""
+        """The requested list is sent for its stage, in its order, only names with a value.
+
+        The chain asks for the filter's names and then the MTAs' default names, so that
+        the filter loses none of the defaults.
+        """
         recorder = RecordingMilter(macro_requests={MacroStage.CONNECT: ("{client_addr}", "j", "{nothing}")})
         mta = FakeMTA([recorder])
         mta.connect()
-        self.assertEqual(
-            macro_packets(mta, "C"), [Macros("C", (("{client_addr}", "192.0.2.10"), ("j", "mx.example.net")))]
-        )
-        self.assertEqual(recorder.calls[0].macros, {"client_addr": "192.0.2.10", "j": "mx.example.net"})
+        self.assertEqual(macro_packets(mta, "C"), [Macros("C", (
+            ("{client_addr}", "192.0.2.10"), ("j", "mx.example.net"), ("{daemon_name}", "mx.example.net"),
+            ("{daemon_addr}", "192.0.2.1"), ("v", "Postfix 3.7.11"), ("_", "mail.example.com [192.0.2.10]"),
+        ))])
+        self.assertEqual(recorder.calls[0].macros, {
+            "client_addr": "192.0.2.10", "j": "mx.example.net", "daemon_name": "mx.example.net",
+            "daemon_addr": "192.0.2.1", "v": "Postfix 3.7.11", "_": "mail.example.com [192.0.2.10]",
+        })
 
     def test_empty_requested_list(self) -> None:
-        """An empty requested list sends nothing to Sendmail; Postfix falls back to its default list."""
-        for profile, expected in ((SENDMAIL, []), (POSTFIX, [Macros("H")])):
+        """An empty request still gets the MTA's default list (which has no HELO values here)."""
+        for profile in (SENDMAIL, POSTFIX):
             mta = FakeMTA([RecordingMilter(macro_requests={MacroStage.HELO: ()})], profile=profile)
             mta.connect()
             mta.helo()
-            self.assertEqual(macro_packets(mta, "H"), expected, profile.name)
+            self.assertEqual(macro_packets(mta, "H"), [Macros("H")], profile.name)
 
     def test_macro_overrides(self) -> None:
         """The macros argument overrides profile values; None removes a macro."""

@@ -1,91 +1,96 @@
 """The chain: several filters on one MTA connection, answering as one milter.
 
-Each command goes to every filter still active for it, all at once; the
-verdicts are read in filter order and the first refusal answers (DESIGN.md,
-chain rules 1-7). ``merge_verdicts`` and ``merge_changes`` are pure functions.
+Two orders (DESIGN.md, chain rules). ``concurrent``: each command goes to every
+filter still active for it, all at once, and the answers are read in filter
+order; the first refusal answers. ``sequential``: each command goes to the
+filters one after another and stops at the first refusal, exactly as the MTA
+walks ``smtpd_milters``. In either order a filter that must see the message as
+the filters before it left it (``after_changes``, and every filter after the
+first in sequential order) is shown the content at end of message, replayed
+from the chain's copy with the earlier filters' changes applied.
+
+When a message starts and ends is the session's to say (``session.CLOSES``);
+the chain only reacts: MAIL starts one, ABORT and the replies that close it
+end it. The pure merges live in ``txmilt.merge``, calling one filter safely in
+``txmilt.member``, settling answers in order in ``txmilt.order``.
 """
 
 from __future__ import annotations
 
-import inspect
+import functools
 import io
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, TypeAlias
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
-from twisted.logger import Logger, LogLevel
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
+from txmilt.errors import ConfigurationError, NegotiationError
 from txmilt.interfaces import IMilter
+from txmilt.member import (
+    CONTENT_EDITS,
+    CONTENT_EVENTS,
+    ChainObserver,
+    Context,
+    FilterSpec,
+    Lineup,
+    Member,
+    as_spec,
+    verify_filters,
+)
+from txmilt.merge import REFUSALS, ChangeMerger, Needs, describe, merge_requirements, merge_verdicts
 from txmilt.messages import (
+    MAX_BODY_CHUNK,
     Abort,
     Accept,
     Action,
-    AddHeader,
     BodyChunk,
-    ChangeFrom,
     Command,
     Connect,
     Continue,
-    Discard,
     EndOfHeaders,
     EndOfMessage,
     Header,
-    Helo,
-    InsertHeader,
     MacroStage,
     MailFrom,
-    Modification,
     Negotiate,
     NegotiateReply,
     ProtocolFlag,
     Quit,
     QuitNoClose,
     RcptTo,
-    Reject,
     Response,
     Skip,
     TempFail,
-    split_body,
     strip_leading_space,
 )
-from txmilt.messages import ChangeHeader as _ChangeHeader
-from txmilt.messages import Quarantine as _Quarantine
-from txmilt.milter import CALLBACKS, FILTER_VERDICTS, Changes, FilterVerdict, overrides
-from txmilt.session import (
-    NO_FLAG,
-    NO_REPLY_FLAG,
-    REFUSAL_KEEPS_MESSAGE,
-    TRACKING_EVENTS,
-    Disconnected,
-    LimitExceeded,
-    MacroView,
-    Requirements,
-    can_answer,
-    negotiate,
-)
+from txmilt.milter import CALLBACKS, Changes, FilterVerdict
+from txmilt.mta import MTA, default_macros, mta_of_version, union_of_names
+from txmilt.order import Later, Walked, walk
+from txmilt.session import Disconnected, LimitExceeded, MacroView, Requirements, Scope, closes, negotiate
+from txmilt.spool import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, BodySpool
+
+__all__ = [
+    "CHAIN_ORDERS",
+    "DEFAULT_BODY_SPOOL_THRESHOLD",
+    "DEFAULT_MAX_BODY_SIZE",
+    "OVER_LIMIT_REPLIES",
+    "Chain",
+    "ChainObserver",
+    "FilterSpec",
+    "Lineup",
+    "Outcome",
+    "as_spec",
+    "verify_filters",
+]
 
 #: What the chain hands back for one command: the packets to send, now or later.
 Outcome: TypeAlias = "Sequence[Response] | Deferred[Sequence[Response]]"
 
-_REFUSALS = (Reject, TempFail, Discard)
-_FALLBACKS = (TempFail, Accept, Continue, Reject)
-_CONNECTION_LEVEL = (Connect, Helo)
-# Commands at which a refusal leaves the message open (recipient-level, or no message).
-_MESSAGE_SURVIVES = (*_CONNECTION_LEVEL, *REFUSAL_KEEPS_MESSAGE)
-_HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
-_CONTINUE = Continue()
-# Commands of the message content: after a per-message limit is passed, these get the refusal.
-_CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
-
-#: Default largest body a ``whole_body`` filter may buffer; above it the filter gets its fallback.
-DEFAULT_MAX_BODY_SIZE = 64 * 1024 * 1024
-#: Default bytes of a buffered body kept in memory before it is spooled to a temporary file.
-DEFAULT_BODY_SPOOL_THRESHOLD = 1024 * 1024
+#: The orders a chain can run its filters in.
+CHAIN_ORDERS = ("concurrent", "sequential")
 
 #: The answer to a message over a per-message limit, by what was counted.
 OVER_LIMIT_REPLIES = {
@@ -93,365 +98,102 @@ OVER_LIMIT_REPLIES = {
     "header bytes": TempFail("Message header section is too large", code=452, status="4.3.1"),
 }
 
-
-class ChainObserver(Protocol):
-    """Receives the chain's counts and timings (metrics plug in here)."""
-
-    def verdict(self, filter_name: str, stage: str, verdict: str, dry_run: bool) -> None:
-        """A filter answered ``verdict`` at ``stage``."""
-
-    def change(self, filter_name: str, kind: str, dry_run: bool) -> None:
-        """A filter made one change of ``kind`` at end of message."""
-
-    def latency(self, filter_name: str, stage: str, seconds: float) -> None:
-        """A filter took ``seconds`` to answer at ``stage``."""
-
-    def failure(self, filter_name: str, stage: str, kind: str) -> None:
-        """A filter failed at ``stage``: ``kind`` is "timeout", "error", "bad-verdict" or "body" (too large)."""
+_CONTINUE = Continue()
+_HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
+_CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
+_SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
 
 
-@dataclass(frozen=True)
-class FilterSpec:
-    """One chain member: how to make it, and how to treat it when it fails."""
-
-    factory: Callable[[], IMilter]
-    name: str = ""
-    timeout: float = 25.0
-    fallback: FilterVerdict = field(default_factory=TempFail)
-    dry_run: bool = False
-
-    def __post_init__(self) -> None:
-        if not self.name:
-            name = getattr(self.factory, "__qualname__", None) or repr(self.factory)
-            object.__setattr__(self, "name", name)
-        if not isinstance(self.fallback, _FALLBACKS):
-            raise ConfigurationError(
-                f"filter {self.name}: fallback must be TempFail, Accept, Continue or Reject, not {self.fallback!r}"
-            )
-        if not self.timeout > 0:
-            raise ConfigurationError(f"filter {self.name}: timeout must be positive, not {self.timeout!r}")
-
-
-def as_spec(member: FilterSpec | Callable[[], IMilter]) -> FilterSpec:
-    """A FilterSpec for a spec or a bare factory (such as a Milter subclass)."""
-    return member if isinstance(member, FilterSpec) else FilterSpec(member)
-
-
-# ------------------------------------------------------------------ pure merges
-
-
-def merge_verdicts(verdicts: Sequence[FilterVerdict]) -> FilterVerdict:
-    """The first refusal in chain order, else Continue (Accept and Skip are per filter)."""
-    for verdict in verdicts:
-        if isinstance(verdict, _REFUSALS):
-            return verdict
-    return _CONTINUE
-
-
-def _decides(member: _Member, verdict: FilterVerdict) -> bool:
-    """Whether ``verdict`` from ``member`` answers the MTA (a refusal, not in evaluation mode)."""
-    return isinstance(verdict, _REFUSALS) and not member.spec.dry_run
-
-
-def _filter_requirements(milter: IMilter) -> tuple[Requirements, frozenset[type], frozenset[type]]:
-    """A filter's own needs, the commands it receives, and those it answers without reply."""
-    receives = frozenset(command for command, name in CALLBACKS.items() if overrides(milter, name))
-    silent = frozenset(
-        command for command in receives if CALLBACKS[command] in getattr(milter, "no_reply", frozenset())
-    )
-    if getattr(milter, "whole_body", False):
-        # The chain buffers the body for it: it needs the chunks, but answers none of them itself.
-        if BodyChunk not in receives:
-            silent |= {BodyChunk}
-        receives |= {BodyChunk}
-    protocol = ProtocolFlag.NONE
-    if getattr(milter, "leading_space", False):
-        protocol |= ProtocolFlag.HEADER_LEADING_SPACE
-    if getattr(milter, "rejected_recipients", False):
-        protocol |= ProtocolFlag.RCPT_REJECTED
-    macros = {MacroStage(stage): tuple(names) for stage, names in getattr(milter, "macro_requests", {}).items()}
-    needs = Requirements(actions=Action(getattr(milter, "actions", Action.NONE)), protocol=protocol, macros=macros)
-    return needs, receives, silent
-
-
-def merge_requirements(
-    members: Sequence[tuple[Requirements, frozenset[type], frozenset[type]]],
-    observe: Iterable[type] = (),
-) -> Requirements:
-    """The chain's needs: unions of actions and macros, events off only if nobody needs them.
-
-    A no-reply flag is asked for only when every filter receiving that command
-    answers it without reply; ``observe`` lists commands the chain itself reads.
-    """
-    actions, protocol = Action.NONE, ProtocolFlag.NONE
-    macros: dict[MacroStage, list[str]] = {}
-    for needs, _, _ in members:
-        actions |= needs.actions
-        protocol |= needs.protocol
-        for stage, names in needs.macros.items():
-            known = macros.setdefault(stage, [])
-            known.extend(name for name in names if name not in known)
-    optional = ProtocolFlag.NONE
-    watched = set(observe)
-    for command, no_flag in NO_FLAG.items():
-        receivers = [(receives, silent) for _, receives, silent in members if command in receives]
-        if not receivers and command not in watched:
-            optional |= no_flag
-        needs_reply_flag = receivers or command in watched or no_flag & TRACKING_EVENTS
-        if needs_reply_flag and all(command in silent for _, silent in receivers):
-            optional |= NO_REPLY_FLAG[command]
-    if any(BodyChunk in receives for _, receives, _ in members):
-        optional |= ProtocolFlag.SKIP
-    rcpt = macros.get(MacroStage.RCPT)
-    if protocol & ProtocolFlag.RCPT_REJECTED and rcpt is not None and not {"rcpt_mailer", "{rcpt_mailer}"} & set(rcpt):
-        # The chain tells rejected recipients apart by {rcpt_mailer}; an explicit list replaces the
-        # MTA's default one, which has it.
-        rcpt.append("{rcpt_mailer}")
-    return Requirements(actions, protocol, optional, {stage: tuple(names) for stage, names in macros.items()})
-
-
-class _Entry:
-    """One header in the simulated header list used for rebasing."""
-
-    __slots__ = ("key",)
-
-    def __init__(self, name: str) -> None:
-        self.key = name.lower()
-
-
-@dataclass
-class MergedChanges:
-    """The packets to send at end of message, and warnings about conflicts."""
-
-    modifications: list[Modification] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-
-def merge_changes(headers: Sequence[tuple[str, str]], contributions: Sequence[tuple[str, Changes]]) -> MergedChanges:
-    """Apply each filter's changes in order, each rebased onto the message it saw.
-
-    Header indices are rewritten so that one filter's insert or delete does not
-    shift what a later filter meant; where two filters change the same single
-    thing (a header, the sender, the body, the quarantine reason), the later
-    wins and a warning names both. A change of a header an earlier filter
-    deleted is dropped with a warning.
-    """
-    merged = MergedChanges()
-    hidden = _Entry("")  # the MTA's own Received: header, position 0; its key matches no name
-    original = [hidden, *(_Entry(name) for name, _ in headers)]
-    current = list(original)  # the MTA's list as the modifications sent so far leave it
-    live = set(current)
-    touched: dict[_Entry, int] = {}
-    deleted: dict[_Entry, int] = {}
-    single: dict[str, int] = {}
-    sender: ChangeFrom | None = None
-    body: bytes | None = None
-    quarantine: str | None = None
-
-    def occurrences(entries: list[_Entry], key: str) -> list[_Entry]:
-        return [entry for entry in entries if entry.key == key]
-
-    def append(view: list[_Entry], name: str) -> None:
-        entry = _Entry(name)
-        view.append(entry)
-        current.append(entry)
-        live.add(entry)
-
-    for number, (name, changes) in enumerate(contributions):
-        view = list(original)  # the message as this filter saw it, with its own changes so far
-        for edit in changes.edits:
-            if isinstance(edit, InsertHeader):
-                at = min(edit.index, len(view))
-                anchor = next((e for e in view[at:] if e in live), None)
-                # Before the first header still there that followed in this filter's view; past the
-                # end, keep the distance so an append stays an append.
-                position = len(current) + edit.index - at if anchor is None else current.index(anchor)
-                entry = _Entry(edit.name)
-                view.insert(at, entry)
-                current.insert(position, entry)
-                live.add(entry)
-                merged.modifications.append(InsertHeader(position, edit.name, edit.value))
-            elif isinstance(edit, _ChangeHeader):
-                key = edit.name.lower()
-                seen = occurrences(view, key)
-                index = max(edit.index, 1)
-                if index > len(seen):
-                    # No such header: the MTA appends one (if the value is not empty).
-                    beyond = index - len(seen)
-                    merged.modifications.append(
-                        _ChangeHeader(len(occurrences(current, key)) + beyond, edit.name, edit.value)
-                    )
-                    if edit.value:
-                        append(view, edit.name)
-                    continue
-                target = seen[index - 1]
-                if target in deleted:
-                    merged.warnings.append(
-                        f"filter {name} changes header {edit.name} #{index}, which filter"
-                        f" {contributions[deleted[target]][0]} deleted; ignored"
-                    )
-                    if not edit.value:
-                        view.remove(target)
-                    continue
-                if touched.get(target, number) != number:
-                    merged.warnings.append(
-                        f"filters {contributions[touched[target]][0]} and {name} both change header"
-                        f" {edit.name} #{index}; {name} wins"
-                    )
-                rebased = occurrences(current, key).index(target) + 1
-                merged.modifications.append(_ChangeHeader(rebased, edit.name, edit.value))
-                touched[target] = number
-                if not edit.value:
-                    view.remove(target)
-                    current.remove(target)
-                    live.discard(target)
-                    deleted[target] = number
-            else:
-                if isinstance(edit, AddHeader):
-                    append(view, edit.name)
-                merged.modifications.append(edit)
-        for what, value in (("sender", changes.sender), ("body", changes.body),
-                            ("quarantine reason", changes.quarantine_reason)):
-            if value is None:
-                continue
-            if what in single:
-                merged.warnings.append(
-                    f"filters {contributions[single[what]][0]} and {name} both change the {what}; {name} wins"
-                )
-            single[what] = number
-        if changes.sender is not None:
-            sender = changes.sender
-        if changes.body is not None:
-            body = changes.body
-        if changes.quarantine_reason is not None:
-            quarantine = changes.quarantine_reason
-    if sender is not None:
-        merged.modifications.append(sender)
-    if body is not None:
-        merged.modifications.extend(split_body(body))
-    if quarantine is not None:
-        merged.modifications.append(_Quarantine(quarantine))
-    return merged
-
-
-# ----------------------------------------------------------------- the chain
-
-
-@dataclass(frozen=True)
-class _Profile:
-    """What a filter declares; the same for every instance one FilterSpec makes."""
-
-    needs: Requirements
-    receives: frozenset[type]
-    silent: frozenset[type]
-    no_reply: frozenset[str]
-    whole_body: bool
-    calls_body: bool
-
-
-_PROFILES: dict[FilterSpec, _Profile] = {}
-
-
-def _profile(spec: FilterSpec, milter: IMilter) -> _Profile:
-    """The declarations of ``spec``'s filters, worked out once from its first instance."""
-    profile = _PROFILES.get(spec)
-    if profile is None:
-        needs, receives, silent = _filter_requirements(milter)
-        profile = _Profile(
-            needs, receives, silent, frozenset(getattr(milter, "no_reply", ())),
-            bool(getattr(milter, "whole_body", False)), overrides(milter, "body"),
-        )
-        if len(_PROFILES) > 1024:
-            _PROFILES.clear()
-        _PROFILES[spec] = profile
-    return profile
-
-
-class _Member:
-    """One filter instance on this connection and its per-message state."""
-
-    __slots__ = (
-        "add_space",
-        "body_size",
-        "body_trouble",
-        "calls_body",
-        "closed",
-        "failed",
-        "in_message",
-        "milter",
-        "needs",
-        "no_reply",
-        "receives",
-        "retired",
-        "retired_for_connection",
-        "silent",
-        "skipping",
-        "spec",
-        "spool",
-        "strip_space",
-        "whole_body",
-    )
-
-    def __init__(self, spec: FilterSpec) -> None:
-        self.spec = spec
-        self.milter = spec.factory()
-        profile = _profile(spec, self.milter)
-        self.needs, self.receives, self.silent = profile.needs, profile.receives, profile.silent
-        self.no_reply, self.whole_body, self.calls_body = profile.no_reply, profile.whole_body, profile.calls_body
-        self.spool: tempfile.SpooledTemporaryFile[bytes] | None = None
-        self.body_size = 0
-        self.body_trouble: str | None = None  # why the buffered body was given up
-        self.strip_space = False
-        self.add_space = False
-        self.retired = False
-        self.retired_for_connection = False
-        self.skipping = False
-        self.in_message = False
-        self.closed = False
-        self.failed = False  # its end_of_message failed: its changes are dropped
+class SessionState(Protocol):
+    """What the chain reads of the session for each command (``MilterSession`` provides it)."""
 
     @property
-    def active(self) -> bool:
-        return not (self.retired or self.retired_for_connection)
+    def macros(self) -> MacroView:
+        """The macro values visible now."""
 
-    def drop_body(self) -> None:
-        """Forget the buffered body (and the file the filter was shown)."""
-        if self.spool is not None:
-            self.spool.close()
-            self.spool = None
-        self.body_size = 0
-        self.body_trouble = None
-        if self.whole_body:
-            self.show_body(None)
+    @property
+    def over_limit(self) -> LimitExceeded | None:
+        """Whether the current message went over a per-message limit."""
 
-    def show_body(self, body: IO[bytes] | None) -> None:
-        """Set the whole_body filter's ``body_file``."""
-        milter: Any = self.milter
-        milter.body_file = body
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a message is open."""
 
 
-_PENDING: Any = object()
-_SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
-# The command each callback answers, for checking a verdict against session.can_answer.
-_COMMAND_OF = {name: kind for kind, name in CALLBACKS.items()} | {"end_of_message": EndOfMessage}
-# OPTNEG replies already worked out, by filter specs and offer (an MTA makes the same offer every time).
-_REPLIES: dict[tuple[tuple[FilterSpec, ...], Negotiate], NegotiateReply] = {}
+# ------------------------------------------------------------------ planning
+
+
+def _replayed(lineup: Lineup, sequential: bool) -> frozenset[int]:
+    """Which filters are shown the content at end of message, edited, rather than as it comes."""
+    replayed: set[int] = set()
+    editors_before = False
+    first = True
+    for index, spec in enumerate(lineup.specs):
+        if spec.dry_run:
+            continue  # a dry run sees the message as the MTA sent it, and never holds it up
+        profile = lineup.profiles()[index]
+        if (sequential and not first) or (profile.after_changes and editors_before):
+            replayed.add(index)
+        first = False
+        editors_before = editors_before or bool(profile.requirements.actions & CONTENT_EDITS)
+    return frozenset(replayed)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(lineup: Lineup, offer: Negotiate, sequential: bool) -> tuple[NegotiateReply, frozenset[int], bool, bool]:
+    """The OPTNEG reply for ``offer``, the replayed filters, and whether headers and the body are copied.
+
+    Worked out once per lineup and offer (an MTA makes the same offer every time).
+    """
+    negotiate(offer, Requirements())  # an unusable version is no filter's fault
+    profiles = lineup.profiles()
+    for spec, profile in zip(lineup.specs, profiles, strict=True):
+        try:
+            negotiate(offer, profile.requirements)
+        except NegotiationError as e:
+            raise NegotiationError(f"filter {spec.name}: {e}") from None
+    replayed = _replayed(lineup, sequential)
+    copy_body = bool(replayed)
+    editors = sum(
+        bool(p.requirements.actions & _HEADER_EDITS) for s, p in zip(lineup.specs, profiles, strict=True)
+        if not s.dry_run
+    )
+    keep_headers = copy_body or editors > 1  # to rebase header indices, or to replay them
+    needs: list[Needs] = []
+    for index, profile in enumerate(profiles):
+        if index in replayed:
+            # Its content comes from the chain's copy: the MTA need not wait for it live.
+            live = profile.needs.receives - CONTENT_EVENTS
+            needs.append(Needs(profile.requirements, live, profile.needs.silent & live))
+        else:
+            needs.append(profile.needs)
+    observe = ((Header,) if keep_headers else ()) + ((BodyChunk,) if copy_body else ())
+    merged = merge_requirements(needs, observe=observe, offer=offer)
+    if sequential and merged.actions & Action.QUARANTINE:
+        # Postfix and Sendmail end a quarantined message's milters differently; ``v`` tells them apart.
+        connect = merged.macros.get(MacroStage.CONNECT) or default_macros(offer).get(MacroStage.CONNECT, ())
+        macros = {**merged.macros, MacroStage.CONNECT: union_of_names(connect, ("v",))}
+        merged = Requirements(merged.actions, merged.protocol, merged.optional, macros)
+    return negotiate(offer, merged), replayed, keep_headers, copy_body
+
+
+# ------------------------------------------------------------------ the chain
 
 
 class Chain:
     """Fans each MTA command out to the filters of one connection and merges their answers."""
 
     __slots__ = (
-        "_clock", "_closed", "_headers", "_in_flight", "_max_body_size", "_members", "_negotiated", "_observer",
-        "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_specs", "_spool_threshold",
-        "connection_id", "send_progress",
+        "_closed", "_context", "_copy", "_copy_body", "_headers", "_in_flight", "_keep_headers", "_lineup",
+        "_max_body_size", "_members", "_mta", "_negotiated", "_offer", "_progress_call", "_progress_interval",
+        "_refused_over_limit", "_sequential", "_spool_threshold", "send_progress",
     )
 
     log = Logger()
 
     def __init__(
         self,
-        filters: Sequence[FilterSpec | Callable[[], IMilter]],
+        filters: Lineup | Sequence[FilterSpec | Callable[[], IMilter]],
         clock: IReactorTime,
         *,
         connection_id: str = "-",
@@ -460,54 +202,47 @@ class Chain:
         observer: ChainObserver | None = None,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
+        chain_order: str = "concurrent",
     ) -> None:
-        self._specs = tuple(as_spec(spec) for spec in filters)
+        if chain_order not in CHAIN_ORDERS:
+            raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
+        self._lineup = filters if isinstance(filters, Lineup) else Lineup(filters)
+        self._sequential = chain_order == "sequential"
+        self._context = Context(clock, connection_id, observer, self.log)
         self._max_body_size = max_body_size
         self._spool_threshold = body_spool_threshold
-        self._clock = clock
-        self.connection_id = connection_id
         self._progress_interval = progress_interval
         self.send_progress = send_progress
-        self._observer = observer
-        self._members = [_Member(spec) for spec in self._specs]
+        self._members = self._make_members()
         self._negotiated: NegotiateReply | None = None
         self._offer: Negotiate | None = None
+        self._keep_headers = self._copy_body = False
         self._headers: list[tuple[str, str]] = []
+        self._copy: BodySpool | None = None
+        self._mta: MTA | None = None
         self._in_flight: Deferred[Any] | None = None
         self._progress_call: IDelayedCall | None = None
         self._closed = False
         self._refused_over_limit = False
 
-    # -- negotiation
+    @property
+    def connection_id(self) -> str:
+        """The connection's id, as logs show it."""
+        return self._context.connection_id
 
-    def _watched(self) -> tuple[type, ...]:
-        editors = [m for m in self._members if m.needs.actions & _HEADER_EDITS and not m.spec.dry_run]
-        return (Header,) if len(editors) > 1 else ()
+    def _make_members(self) -> list[Member]:
+        return [Member(self._lineup, index, self._context) for index in range(len(self._lineup.specs))]
+
+    # -- negotiation
 
     def negotiate(self, offer: Negotiate) -> NegotiateReply:
         """The chain's OPTNEG reply; NegotiationError names a filter the MTA cannot serve."""
-        key = (self._specs, offer)
-        reply = _REPLIES.get(key)
-        if reply is None:
-            reply = self._negotiate(offer)
-            if len(_REPLIES) > 1024:
-                _REPLIES.clear()
-            _REPLIES[key] = reply
+        reply, replayed, self._keep_headers, self._copy_body = _plan(self._lineup, offer, self._sequential)
+        for index, member in enumerate(self._members):
+            member.replayed = index in replayed
         self._offer = offer
         self.accept_negotiation(reply)
         return reply
-
-    def _negotiate(self, offer: Negotiate) -> NegotiateReply:
-        negotiate(offer, Requirements())  # an unusable version is no filter's fault
-        for member in self._members:
-            try:
-                negotiate(offer, member.needs)
-            except NegotiationError as e:
-                raise NegotiationError(f"filter {member.spec.name}: {e}") from None
-        needs = merge_requirements(
-            [(m.needs, m.receives, m.silent) for m in self._members], observe=self._watched()
-        )
-        return negotiate(offer, needs)
 
     def accept_negotiation(self, reply: NegotiateReply) -> None:
         """Adapt the filters to what was negotiated (leading space per filter).
@@ -518,7 +253,7 @@ class Chain:
         self._negotiated = reply
         leading = bool(reply.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
         for member in self._members:
-            wants = bool(member.needs.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
+            wants = bool(member.profile.requirements.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
             member.strip_space = member.add_space = leading and not wants
             hook = getattr(member.milter, "negotiated", None)
             if callable(hook) and self._offer is not None:
@@ -526,33 +261,41 @@ class Chain:
 
     # -- dispatch
 
-    def handle(
-        self, command: Command | Disconnected, macros: MacroView, over_limit: LimitExceeded | None = None
-    ) -> Outcome:
+    def handle(self, command: Command | Disconnected, session: SessionState) -> Outcome:
         """Run ``command`` through the chain; the responses to send (empty for none).
 
-        ``over_limit`` (from the session) means the message went over a limit:
-        its content no longer reaches the filters, and is answered TempFail.
+        A message over a per-message limit (``session.over_limit``) no longer
+        reaches the filters: its content is answered TempFail.
         """
-        if over_limit is not None and isinstance(command, _CONTENT):
-            return self._over_limit(over_limit)
-        if isinstance(command, Abort):
-            return self._after(self._abort(self._members), ())
+        kind = type(command)
+        if session.over_limit is not None and kind in _CONTENT:
+            return self._over_limit(session.over_limit)
+        if kind is Abort:
+            return self._after(self._end_message(self._members), ())
         if isinstance(command, _SESSION_ENDS):
-            outcome = self._after(self.close(), ())
-            if isinstance(command, QuitNoClose):
-                self._members = [_Member(spec) for spec in self._specs]
-                self._closed = False
-                if self._negotiated is not None:
-                    self.accept_negotiation(self._negotiated)
-            return outcome
-        if isinstance(command, MailFrom):
+            return self._session_end(command)
+        if kind is MailFrom:
             self._begin_message()
         elif isinstance(command, Header):
-            self._headers.append((command.name, command.value))
+            if self._keep_headers:
+                self._headers.append((command.name, command.value))
+        elif isinstance(command, BodyChunk):
+            if self._copy is not None:
+                self._copy.write(command.data)
+        elif kind is Connect:
+            self._mta = mta_of_version(session.macros.get("v"))
         if isinstance(command, EndOfMessage):
-            return self._end_of_message(command, macros)
-        return self._dispatch(command, macros)
+            return self._end_of_message(command, session)
+        return self._dispatch(command, session)
+
+    def _session_end(self, command: Command | Disconnected) -> Outcome:
+        outcome = self._after(self.close(), ())
+        if isinstance(command, QuitNoClose):
+            self._members = self._make_members()
+            self._closed = False
+            if self._negotiated is not None and self._offer is not None:
+                self.negotiate(self._offer)
+        return outcome
 
     def _over_limit(self, limit: LimitExceeded) -> Outcome:
         """Answer content past a per-message limit; the first time, log it and abort the filters."""
@@ -564,455 +307,404 @@ class Chain:
             "[{conn}] message over a limit ({limit}); no more of it goes to the filters, answering {answer!r}",
             conn=self.connection_id, limit=str(limit), answer=answer,
         )
-        return self._after(self._abort(self._members), (answer,))
+        return self._after(self._end_message(self._members), (answer,))
 
-    def _dispatch(self, command: Command, macros: MacroView) -> Outcome:
+    def _dispatch(self, command: Command, session: SessionState) -> Outcome:
         kind = type(command)
         stage = CALLBACKS[kind]
-        targets = [m for m in self._members if m.active and kind in m.receives]
-        if isinstance(command, BodyChunk):
-            targets = [m for m in targets if not m.skipping]
-            for member in targets:
-                if member.whole_body:
-                    self._buffer(member, command.data)
-            targets = [m for m in targets if m.calls_body]
-        elif kind is RcptTo and macros.get("rcpt_mailer") == "error":
-            targets = [m for m in targets if m.needs.protocol & ProtocolFlag.RCPT_REJECTED]
+        macros = session.macros
+        rejected = kind is RcptTo and macros.get("rcpt_mailer") == "error"
+        targets: list[Member] = []
         results: list[Any] = []
-        for member in targets:
-            argument = command
-            if isinstance(command, Header) and member.strip_space:
-                argument = Header(command.name, strip_leading_space(command.value))
-            results.append(self._invoke(member, stage, argument, macros))
-        gathered = self._gather(targets, results)
-        if isinstance(gathered, Deferred):
-            return self._track(gathered.addCallback(lambda verdicts: self._decide(command, targets, verdicts)))
-        return self._decide(command, targets, gathered)
+        for member in self._members:
+            if member.spec.dry_run:
+                self._enqueue(member, functools.partial(
+                    self._dry_call, member, command, macros, rejected, session.in_transaction
+                ))
+                continue
+            argument = self._argument(member, command, rejected)
+            if argument is None:
+                continue
+            targets.append(member)
+            if self._sequential and targets[0] is not member:
+                results.append(Later(functools.partial(member.call, stage, argument, macros)))
+            else:
+                results.append(member.call(stage, argument, macros))
+        walked = walk(results, lambda _, verdict: isinstance(verdict, REFUSALS))
+        if isinstance(walked, Deferred):
+            return self._track(walked.addCallback(lambda w: self._decide(command, session, targets, w)))
+        return self._decide(command, session, targets, walked)
 
-    def _buffer(self, member: _Member, data: bytes) -> None:
-        """Keep a body chunk for a whole_body filter, in memory, then in a temporary file."""
-        if member.body_trouble is not None:
-            return
-        size = member.body_size + len(data)
-        if self._max_body_size and size > self._max_body_size:
-            self._give_up_body(member, f"the body is over max_body_size ({self._max_body_size} bytes)")
-            return
-        try:
-            if member.spool is None:
-                member.spool = tempfile.SpooledTemporaryFile(max_size=self._spool_threshold)  # noqa: SIM115
-                if not self._spool_threshold:
-                    member.spool.rollover()
-            member.spool.write(data)
-        except OSError as e:
-            self._give_up_body(member, f"the body cannot be spooled ({e})")
-            return
-        member.body_size = size
+    def _argument(self, member: Member, command: Command, rejected: bool) -> object | None:
+        """What ``member``'s callback is given for ``command`` now, or None if the filter is not called."""
+        kind = type(command)
+        if not member.active or kind not in member.profile.needs.receives:
+            return None
+        if isinstance(command, BodyChunk):
+            if member.skipping or member.replayed:
+                return None
+            if member.profile.whole_body:
+                self._buffer(member, command.data)
+            return command if member.profile.calls_body else None
+        if isinstance(command, Header):
+            if member.replayed:
+                return None
+            if member.strip_space:
+                return Header(command.name, strip_leading_space(command.value))
+            return command
+        if kind is EndOfHeaders:
+            return None if member.replayed else command
+        if rejected and not member.profile.requirements.protocol & ProtocolFlag.RCPT_REJECTED:
+            return None
+        return command
 
-    def _give_up_body(self, member: _Member, trouble: str) -> None:
-        """Stop buffering for ``member``, which then gets its fallback at end of message."""
-        member.drop_body()
-        member.body_trouble = trouble
-        self.log.error(
-            "[{conn}] filter {filter}: {trouble}; it gets its fallback {fallback!r} at end of message",
-            conn=self.connection_id, filter=member.spec.name, trouble=trouble, fallback=member.spec.fallback,
-        )
-
-    def _invoke(
-        self, member: _Member, stage: str, argument: object, macros: MacroView
-    ) -> FilterVerdict | Deferred[Any]:
-        """Call one filter's callback; a verdict now, or a Deferred that never fails."""
-        milter = member.milter
-        milter.macros = macros
-        started = self._clock.seconds() if self._observer is not None else 0.0
-        try:
-            value = getattr(milter, stage)(argument)
-        except Exception:
-            self._latency(member, stage, started)
-            return self._failed(member, stage, Failure(), "error")
-        return self._settle(member, stage, value, started)
-
-    def _settle(self, member: _Member, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
-        """The verdict a callback's return value stands for, now or (for a pending Deferred) later."""
-        if value is None or type(value) is Continue:
-            self._latency(member, stage, started)
-            return _CONTINUE
-        if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
-        if isinstance(value, Deferred):
-            if not value.called or value.paused:
-                return self._wait(member, stage, value, started)
-            box: list[object] = []  # already fired: a finished coroutine, succeed(...)
-            value.addBoth(box.append)
-            value = box[0]
-        self._latency(member, stage, started)
-        if isinstance(value, Failure):
-            return self._failed(member, stage, value, "error")
-        return self._verdict(member, stage, value)
-
-    def _wait(self, member: _Member, stage: str, value: Deferred[Any], started: float) -> Deferred[Any]:
-        """A Deferred of the verdict, never failing; cancelling it cancels the filter's work."""
-        cancelled = False
-
-        def cancel(_: Deferred[Any]) -> None:
-            nonlocal cancelled
-            cancelled = True
-            value.cancel()
-            forward(_CONTINUE)  # in case the filter's Deferred ignores the cancellation
-
-        def forward(result: object) -> None:
-            if not verdict.called:
-                verdict.callback(result)
-
-        def done(result: object) -> object:
-            self._latency(member, stage, started)
-            return self._verdict(member, stage, result)
-
-        def failed(failure: Failure) -> object:
-            if cancelled:
-                return _CONTINUE  # the chain no longer needs this answer; nothing to report
-            self._latency(member, stage, started)
-            kind = "timeout" if failure.check(TimeoutError) else "error"
-            return self._failed(member, stage, failure, kind)
-
-        verdict: Deferred[Any] = Deferred(cancel)
-        value.addTimeout(member.spec.timeout, self._clock)
-        value.addCallbacks(done, failed).addBoth(forward)
-        return verdict
-
-    def _verdict(self, member: _Member, stage: str, value: object) -> FilterVerdict:
-        if value is None:
-            return _CONTINUE
-        if isinstance(value, FILTER_VERDICTS):
-            return self._checked(member, stage, value)
-        return self._bad_verdict(member, stage, value)
-
-    def _checked(self, member: _Member, stage: str, verdict: FilterVerdict) -> FilterVerdict:
-        """The verdict if it is legal at this stage, else the filter's fallback."""
-        kind = _COMMAND_OF.get(stage)
-        if kind is not None and not can_answer(kind, type(verdict)):
-            return self._bad_verdict(member, stage, verdict)
-        if stage in member.no_reply and not isinstance(verdict, Continue):
-            self.log.error(
-                "[{conn}] filter {filter} answered {verdict!r} from {stage}, which it declared no_reply;"
-                " ignored", conn=self.connection_id, filter=member.spec.name, verdict=verdict, stage=stage,
-            )
-            return _CONTINUE
-        return verdict
-
-    def _fallback(self, member: _Member, stage: str) -> tuple[FilterVerdict, str]:
-        """What a failed callback answers, and how the log says so."""
-        if stage == "end_of_message":
-            member.failed = True
-        if stage in ("abort", "reset", "close"):
-            return _CONTINUE, "carrying on"
-        if stage in member.no_reply:
-            # The MTA reads no reply here (or the filter promised it only observes): never refuse.
-            return _CONTINUE, "continuing, as the callback is declared no_reply"
-        return member.spec.fallback, f"using fallback {member.spec.fallback!r}"
-
-    def _bad_verdict(self, member: _Member, stage: str, value: object) -> FilterVerdict:
-        fallback, consequence = self._fallback(member, stage)
-        self.log.error(
-            "[{conn}] filter {filter} returned {value!r} from {stage}, not a verdict legal there; {consequence}",
-            conn=self.connection_id, filter=member.spec.name, value=value, stage=stage, consequence=consequence,
-        )
-        if self._observer is not None:
-            self._observer.failure(member.spec.name, stage, "bad-verdict")
-        return fallback
-
-    def _failed(self, member: _Member, stage: str, failure: Failure, kind: str) -> FilterVerdict:
-        fallback, consequence = self._fallback(member, stage)
-        if kind == "timeout":
-            self.log.error(
-                "[{conn}] filter {filter} timed out after {timeout}s in {stage}; {consequence}",
-                conn=self.connection_id, filter=member.spec.name, timeout=member.spec.timeout, stage=stage,
-                consequence=consequence,
-            )
-        else:
-            self.log.failure(
-                "[{conn}] filter {filter} failed in {stage}; {consequence}",
-                failure=failure, level=LogLevel.error, conn=self.connection_id, filter=member.spec.name,
-                stage=stage, consequence=consequence,
-            )
-        if self._observer is not None:
-            self._observer.failure(member.spec.name, stage, kind)
-        return fallback
-
-    def _latency(self, member: _Member, stage: str, started: float) -> None:
-        if self._observer is not None:
-            self._observer.latency(member.spec.name, stage, self._clock.seconds() - started)
-
-    def _gather(
-        self, targets: list[_Member], results: list[Any], cancelled: set[int] | None = None
-    ) -> list[FilterVerdict] | Deferred[Any]:
-        """Verdicts in filter order up to the first refusal that counts; later work is cancelled.
-
-        The indices of filters whose work was cancelled that way are added to ``cancelled``.
-        """
-        if not any(isinstance(result, Deferred) for result in results):
-            for index, verdict in enumerate(results):  # every filter answered at once: no bookkeeping
-                if _decides(targets[index], verdict):
-                    return results[: index + 1]
-            return results
-        settled: list[FilterVerdict] = []
-        deferreds: dict[int, Deferred[Any]] = {}
-        unfinished = cancelled if cancelled is not None else set()
-        state: dict[str, Any] = {"outer": None, "running": False, "stopped": False}
-
-        def store(verdict: FilterVerdict, index: int) -> None:
-            results[index] = verdict
-            outer = state["outer"]
-            if outer is None or outer.called or state["running"] or state["stopped"]:
-                return
-            if advance():
-                outer.callback(settled)
-
-        def advance() -> bool:
-            state["running"] = True
-            try:
-                while len(settled) < len(results):
-                    index = len(settled)
-                    verdict = results[index]
-                    if verdict is _PENDING:
-                        return False
-                    settled.append(verdict)
-                    if _decides(targets[index], verdict):
-                        for later, deferred in deferreds.items():
-                            if later > index and results[later] is _PENDING:
-                                unfinished.add(later)
-                                deferred.cancel()
-                        return True
-                return True
-            finally:
-                state["running"] = False
-
-        for index, result in enumerate(results):
-            if isinstance(result, Deferred):
-                deferreds[index] = result
-                results[index] = _PENDING
-                result.addCallback(store, index)
-        if advance():
-            return settled
-
-        def cancel(_: Deferred[Any]) -> None:
-            # Cancelled from outside (the connection is gone): no verdict is wanted any more.
-            state["stopped"] = True
-            for index, deferred in deferreds.items():
-                if results[index] is _PENDING:
-                    deferred.cancel()
-
-        outer: Deferred[Any] = Deferred(cancel)
-        state["outer"] = outer
-        return outer
-
-    def _decide(self, command: Command, targets: list[_Member], verdicts: list[FilterVerdict]) -> Outcome:
+    def _decide(self, command: Command, session: SessionState, targets: list[Member], walked: Walked) -> Outcome:
         """Apply the settled verdicts to the filters' state; the MTA's answer."""
-        stage = CALLBACKS[type(command)]
+        kind = type(command)
+        stage = CALLBACKS[kind]
+        message_open = session.in_transaction
         resets: list[Deferred[Any] | None] = []
+        verdicts = walked.verdicts
         for member, verdict in zip(targets, verdicts, strict=False):
             self._count(member, stage, verdict)
-            if member.spec.dry_run and not isinstance(verdict, Continue):
-                self.log.info(
-                    "[{conn}] evaluation: filter {filter} would answer {verdict!r} at {stage}",
-                    conn=self.connection_id, filter=member.spec.name, verdict=verdict, stage=stage,
-                )
             if isinstance(verdict, Accept):
-                if isinstance(command, _CONNECTION_LEVEL):
-                    member.retired_for_connection = True
-                elif member.in_message:
-                    member.retired = True
-                    resets.append(self._reset(member))  # the message is over for this filter
-                # else: Accept at UNKNOWN between messages means continue (PROTOCOL.md §5.3)
+                resets.append(self._retire(member, kind, message_open))
             elif isinstance(verdict, Skip):
                 member.skipping = True
-        settled = _all_of([d for d in resets if d is not None])
-        counted = [(m, v) for m, v in zip(targets, verdicts, strict=False) if not m.spec.dry_run]
-        answer = merge_verdicts([v for _, v in counted])  # the first refusal in filter order
-        if isinstance(answer, _REFUSALS):
-            refuser = next(m for m, v in counted if v is answer)
-            if not isinstance(command, _MESSAGE_SURVIVES):
+        settled = _all_of(resets)
+        answer = merge_verdicts(verdicts)  # the first refusal in filter order
+        if isinstance(answer, REFUSALS):
+            if message_open and closes(kind, type(answer)) is Scope.MESSAGE:
+                refuser = targets[len(verdicts) - 1]
                 others = [m for m in self._members if m is not refuser]
-                return self._after(_both(settled, self._abort(others)), (answer,))
+                return self._after(_both(settled, self._end_message(others)), (answer,))
             return self._after(settled, (answer,))
         if self._all_accepted():
-            if not isinstance(command, _CONNECTION_LEVEL):
-                settled = _both(settled, self._end_message())
+            if any(m.spec.dry_run for m in self._members):
+                return self._after(settled, (_CONTINUE,))  # dry runs go on seeing the message
+            if message_open and closes(kind, Accept) is Scope.MESSAGE:
+                settled = _both(settled, self._end_message(()))
             return self._after(settled, (Accept(),))
-        if isinstance(command, BodyChunk) and self._negotiated is not None:
-            readers = [m for m in self._members if m.active and BodyChunk in m.receives]
+        if kind is BodyChunk and self._negotiated is not None and not self._copy_body:
+            readers = [m for m in self._members if m.active and BodyChunk in m.profile.needs.receives]
             if readers and all(m.skipping for m in readers) and self._negotiated.protocol & ProtocolFlag.SKIP:
                 return self._after(settled, (Skip(),))
         return self._after(settled, (_CONTINUE,))
+
+    def _retire(self, member: Member, kind: type, message_open: bool) -> Deferred[Any] | None:
+        """A filter accepted: it sees no more of the connection, or of the message (which ends for it)."""
+        scope = closes(kind, Accept)
+        if scope is Scope.CONNECTION:
+            member.retired_for_connection = True
+        elif scope is Scope.MESSAGE and message_open:
+            member.retired = True
+            return member.call_quietly("reset")  # a dry run's queue is running this already
+        return None  # Accept at UNKNOWN between messages means continue (PROTOCOL.md §5.3)
 
     def _all_accepted(self) -> bool:
         """Whether every filter that counts (not in evaluation mode) has accepted."""
         counted = False
         for member in self._members:
             if not member.spec.dry_run:
-                if not (member.retired or member.retired_for_connection):
+                if member.active:
                     return False
                 counted = True
         return counted
 
-    def _count(self, member: _Member, stage: str, verdict: FilterVerdict) -> None:
-        if self._observer is not None:
-            self._observer.verdict(member.spec.name, stage, type(verdict).__name__, member.spec.dry_run)
+    def _count(self, member: Member, stage: str, verdict: FilterVerdict) -> None:
+        observer = self._context.observer
+        if observer is not None:
+            observer.verdict(member.name, stage, type(verdict).__name__, member.spec.dry_run)
+
+    def _buffer(self, member: Member, data: bytes) -> None:
+        """Keep a body chunk for a whole_body filter, in memory, then in a temporary file."""
+        if member.spool is None:
+            member.spool = BodySpool(self._spool_threshold, self._max_body_size)
+        elif member.spool.trouble is not None:
+            return
+        if not member.spool.write(data):
+            self.log.error(
+                "[{conn}] filter {filter}: {trouble}; it gets its fallback {fallback!r} at end of message",
+                conn=self.connection_id, filter=member.name, trouble=member.spool.trouble,
+                fallback=member.spec.fallback,
+            )
+
+    # -- dry runs: evaluated, never waited for
+
+    def _dry_call(
+        self, member: Member, command: Command, macros: MacroView, rejected: bool, message_open: bool
+    ) -> object:
+        """Give a dry-run filter a command (in its own time); log and count what it would have answered."""
+        argument = self._argument(member, command, rejected)
+        if argument is None:
+            return None
+        stage = CALLBACKS[type(command)]
+
+        def judged(verdict: FilterVerdict) -> None:
+            self._count(member, stage, verdict)
+            if isinstance(verdict, Accept):
+                self._retire(member, type(command), message_open)
+            elif isinstance(verdict, Skip):
+                member.skipping = True
+            elif not isinstance(verdict, Continue):
+                self.log.info(
+                    "[{conn}] evaluation: filter {filter} would answer {verdict!r} at {stage}",
+                    conn=self.connection_id, filter=member.name, verdict=verdict, stage=stage,
+                )
+
+        outcome = member.call(stage, argument, macros)
+        if isinstance(outcome, Deferred):
+            return outcome.addCallback(judged)
+        judged(outcome)
+        return None
+
+    def _enqueue(self, member: Member, work: Callable[[], object]) -> None:
+        """Run ``work`` for a dry-run filter once its earlier work is done (at once if there is none)."""
+        if member.pending is None:
+            result = work()
+            if isinstance(result, Deferred) and not result.called:
+                member.pending = result
+                result.addBoth(self._idle, member, result)
+            return
+        member.pending.addBoth(lambda _: work())
+
+    @staticmethod
+    def _idle(result: object, member: Member, deferred: Deferred[Any]) -> None:
+        if member.pending is deferred:
+            member.pending = None
+
+    def _quiet(self, member: Member, stage: str) -> Deferred[Any] | None:
+        """Call abort or reset if the filter is still in the message; a dry-run filter after its earlier work."""
+        if member.spec.dry_run:
+            self._enqueue(member, lambda: member.call_quietly(stage) if member.active else None)
+            return None
+        return member.call_quietly(stage) if member.active else None
 
     # -- messages
 
     def _begin_message(self) -> None:
         self._headers = []
         self._refused_over_limit = False
+        if self._copy is not None:
+            self._copy.close()
+        self._copy = BodySpool(self._spool_threshold, self._max_body_size) if self._copy_body else None
         for member in self._members:
-            member.retired = member.skipping = False
-            member.in_message = not member.retired_for_connection
-            if member.whole_body:
-                member.drop_body()
+            if member.spec.dry_run:
+                self._enqueue(member, functools.partial(_new_message, member))
+            else:
+                _new_message(member)
 
-    def _end_message(self) -> Deferred[Any] | None:
-        """The message is over for every filter: reset() those still in it; a Deferred if one is slow."""
-        self._headers = []
+    def _end_message(self, aborted: Iterable[Member]) -> Deferred[Any] | None:
+        """The message is over: ``abort()`` for ``aborted`` filters still in it, then ``reset()`` for all of them.
+
+        Filters that accepted the message were reset then; the result is a
+        Deferred when some filter is slow to abort or reset.
+        """
+        pending = [d for d in (self._quiet(m, "abort") for m in aborted) if d is not None]
+        if pending:
+            # reset() comes after abort() has settled.
+            return gatherResults(pending, consumeErrors=True).addBoth(lambda _: self._reset_all())
+        return self._reset_all()
+
+    def _reset_all(self) -> Deferred[Any] | None:
         pending = []
         for member in self._members:
-            reset = self._reset(member)
+            reset = self._quiet(member, "reset")
             if reset is not None:
                 pending.append(reset)
-            member.retired = member.skipping = False
-            if member.whole_body:
-                member.drop_body()
+            if member.spec.dry_run:
+                self._enqueue(member, functools.partial(_new_message, member))
+            else:
+                _new_message(member)
+        self._headers = []
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
         return _all_of(pending)
 
-    def _reset(self, member: _Member) -> Deferred[Any] | None:
-        """Call ``reset()`` of a filter whose message just ended (once per message); a Deferred if slow."""
-        if not member.in_message:
-            return None
-        member.in_message = False
-        return self._call_quietly(member, "reset")
-
-    def _call_quietly(self, member: _Member, stage: str) -> Deferred[Any] | None:
-        """Call a callback whose verdict does not count (abort, reset, close); a Deferred if it is slow."""
-        try:
-            value = getattr(member.milter, stage)()
-        except Exception:
-            self._failed(member, stage, Failure(), "error")
-            return None
-        if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
-        if isinstance(value, Deferred):
-            return self._quietly(member, stage, value)
-        return None
-
-    def _end_of_message(self, command: EndOfMessage, macros: MacroView) -> Outcome:
+    def _end_of_message(self, command: EndOfMessage, session: SessionState) -> Outcome:
         if command.data:
-            chunk = self._dispatch(BodyChunk(command.data), macros)
+            # Not sent by Postfix or Sendmail: body bytes on end of message are one more chunk.
+            if self._copy is not None:
+                self._copy.write(command.data)
+            chunk = self._dispatch(BodyChunk(command.data), session)
 
             def then(responses: Sequence[Response]) -> Outcome:
-                if not responses or isinstance(responses[0], (*_REFUSALS, Accept)):
+                if not responses or isinstance(responses[0], (*REFUSALS, Accept)):
                     return responses
-                return self._final(command, macros)
+                return self._final(session)
 
             if isinstance(chunk, Deferred):
                 return chunk.addCallback(then)
             return then(chunk)
-        return self._final(command, macros)
+        return self._final(session)
 
-    def _final(self, command: EndOfMessage, macros: MacroView) -> Outcome:
-        targets = [m for m in self._members if m.active]
-        for member in targets:
+    def _final(self, session: SessionState) -> Outcome:
+        macros = session.macros
+        merger = ChangeMerger(self._headers)
+        targets: list[Member] = []
+        recorders: list[Changes] = []
+        results: list[Any] = []
+        for member in self._members:
+            recorder = Changes(
+                member.profile.requirements.actions, add_space=member.add_space, on_progress=self._progress_now
+            )
+            if member.spec.dry_run:
+                self._dry_end(member, recorder, macros)
+                continue
+            if not member.active:
+                continue
             member.failed = False
-        changes = [
-            Changes(m.needs.actions, add_space=m.add_space, on_progress=self._progress_now) for m in targets
-        ]
-        results: list[Any] = [
-            self._end_of_message_of(member, recorder, macros)
-            for member, recorder in zip(targets, changes, strict=True)
-        ]
-        cancelled: set[int] = set()
+            targets.append(member)
+            recorders.append(recorder)
+            if member.replayed:
+                results.append(Later(functools.partial(self._replay, member, recorder, merger, macros)))
+            else:
+                results.append(self._end_of_message_of(member, recorder, macros))
+        stop_on_quarantine = self._sequential and self._mta is not MTA.SENDMAIL
 
-        def finish(verdicts: list[FilterVerdict]) -> Outcome:
-            unfinished = [targets[index] for index in sorted(cancelled)]
-            return self._finish(targets, changes, verdicts, unfinished)
+        def settled(index: int, verdict: FilterVerdict) -> bool:
+            member, recorder = targets[index], recorders[index]
+            self._count(member, "end_of_message", verdict)
+            if isinstance(verdict, REFUSALS):
+                return True
+            if not member.failed and isinstance(verdict, Continue | Accept):
+                merger.add(member.name, recorder, saw_edits=member.replayed)
+                for kind in describe(recorder):
+                    self._count_change(member, kind)
+            # Postfix ends a quarantined message's milter pass; Sendmail goes on to the next milter.
+            return stop_on_quarantine and merger.quarantined is not None
 
-        gathered = self._gather(targets, results, cancelled)
-        if isinstance(gathered, Deferred):
+        walked = walk(results, settled)
+        if isinstance(walked, Deferred):
             self._start_progress()
-            gathered.addBoth(self._stop_progress)
-            return self._track(gathered.addCallback(finish))
-        return finish(gathered)
+            walked.addBoth(self._stop_progress)
+            return self._track(walked.addCallback(self._finish, targets, merger))
+        return self._finish(walked, targets, merger)
 
-    def _end_of_message_of(
-        self, member: _Member, recorder: Changes, macros: MacroView
-    ) -> FilterVerdict | Deferred[Any]:
+    def _end_of_message_of(self, member: Member, recorder: Changes, macros: MacroView) -> FilterVerdict | Deferred[Any]:
         """Call one filter's end_of_message, showing a whole_body filter its body first."""
-        if member.whole_body:
-            if member.body_trouble is not None:
-                fallback, _ = self._fallback(member, "end_of_message")
-                if self._observer is not None:
-                    self._observer.failure(member.spec.name, "end_of_message", "body")
+        if member.profile.whole_body and not member.replayed:
+            spool = member.spool
+            if spool is not None and spool.trouble is not None:
+                fallback, _ = member.fallback("end_of_message")
+                if self._context.observer is not None:
+                    self._context.observer.failure(member.name, "end_of_message", "body")
                 return fallback
-            body: IO[bytes] = member.spool if member.spool is not None else io.BytesIO()
-            body.seek(0)
-            member.show_body(body)
-        return self._invoke(member, "end_of_message", recorder, macros)
+            member.show_body(spool.file() if spool is not None else BodySpool().file())
+        return member.call("end_of_message", recorder, macros)
 
-    def _finish(
-        self, targets: list[_Member], changes: list[Changes], verdicts: list[FilterVerdict], unfinished: list[_Member]
-    ) -> Outcome:
-        """Merge end-of-message verdicts and changes: changes first, then the verdict.
+    def _finish(self, walked: Walked, targets: list[Member], merger: ChangeMerger) -> Outcome:
+        """The MTA's answer at end of message: the merged changes first, then the verdict.
 
         A filter whose end_of_message failed gets its fallback verdict, but its changes,
-        perhaps half made, are dropped. On a refusal, filters whose end_of_message was
-        cancelled for it get abort(); the ones that finished have had their end of message.
+        perhaps half made, are dropped. On a refusal no changes are sent; the filters
+        whose end of message did not finish get abort(), the others only reset().
         """
-        answer: FilterVerdict = _CONTINUE
-        contributions = []
-        for member, recorder, verdict in zip(targets, changes, verdicts, strict=False):
-            self._count(member, "end_of_message", verdict)
-            if member.failed:
-                recorder = Changes(Action.NONE)
-            if member.spec.dry_run:
-                if not isinstance(verdict, (Continue, Accept)) or not recorder.empty:
-                    self.log.info(
-                        "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
-                        conn=self.connection_id, filter=member.spec.name, verdict=verdict,
-                        changes=_describe(recorder),
-                    )
-                self._count_changes(member, recorder)
-                continue
-            if _decides(member, verdict):
-                answer = verdict
-                break
-            if isinstance(verdict, Accept):
-                member.retired = True
-            contributions.append((member.spec.name, recorder))
-            self._count_changes(member, recorder)
-        headers, self._headers = self._headers, []
-        if isinstance(answer, _REFUSALS):
-            return self._after(self._abort(unfinished), (answer,))
-        merged = merge_changes(headers, contributions)
+        unfinished = [targets[index] for index in walked.unfinished]
+        answer = merge_verdicts(walked.verdicts)
+        if isinstance(answer, REFUSALS):
+            return self._after(self._end_message(unfinished), (answer,))
+        merged = merger.result()
         for warning in merged.warnings:
             self.log.warn("[{conn}] {conflict}", conn=self.connection_id, conflict=warning)
-        final: FilterVerdict = Accept() if self._all_accepted() else _CONTINUE
-        return self._after(self._end_message(), (*merged.modifications, final))
+        # Accept only when every filter that counts accepted, now or earlier in the message.
+        accepted = (
+            any(not m.spec.dry_run for m in self._members) and not unfinished
+            and len(walked.verdicts) == len(targets) and all(isinstance(v, Accept) for v in walked.verdicts)
+        )
+        final = Accept() if accepted else _CONTINUE
+        return self._after(self._end_message(unfinished), (*merged.modifications, final))
 
-    def _count_changes(self, member: _Member, recorder: Changes) -> None:
-        if self._observer is None:
-            return
-        for kind in _describe(recorder):
-            self._observer.change(member.spec.name, kind, member.spec.dry_run)
+    def _dry_end(self, member: Member, recorder: Changes, macros: MacroView) -> None:
+        """A dry-run filter's end of message: its verdict and changes are logged and counted, never sent."""
 
-    def _abort(self, members: Iterable[_Member]) -> Deferred[Any] | None:
-        """Tell filters in a message that it is gone; revive the ones retired for it."""
-        pending = []
-        for member in members:
-            if member.in_message and member.active:
-                aborted = self._call_quietly(member, "abort")
-                if aborted is not None:
-                    pending.append(aborted)
-        if pending:
-            # reset() comes after abort() has settled.
-            return gatherResults(pending, consumeErrors=True).addBoth(lambda _: self._end_message())
-        return self._end_message()
+        def run() -> object:
+            if not member.active:
+                return None
+            member.failed = False
+            outcome = self._end_of_message_of(member, recorder, macros)
+            if isinstance(outcome, Deferred):
+                return outcome.addCallback(judged)
+            judged(outcome)
+            return None
+
+        def judged(verdict: FilterVerdict) -> None:
+            self._count(member, "end_of_message", verdict)
+            if member.failed:
+                return
+            if not isinstance(verdict, Continue | Accept) or not recorder.empty:
+                self.log.info(
+                    "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
+                    conn=self.connection_id, filter=member.name, verdict=verdict, changes=describe(recorder),
+                )
+            for kind in describe(recorder):
+                self._count_change(member, kind)
+
+        self._enqueue(member, run)
+
+    def _count_change(self, member: Member, kind: str) -> None:
+        if self._context.observer is not None:
+            self._context.observer.change(member.name, kind, member.spec.dry_run)
+
+    # -- replaying the edited message
+
+    def _replay(
+        self, member: Member, recorder: Changes, merger: ChangeMerger, macros: MacroView
+    ) -> FilterVerdict | Deferred[Any]:
+        """Show a filter the content as the filters before it left it, then its end of message."""
+        return Deferred.fromCoroutine(self._replayed_content(member, recorder, merger, macros))
+
+    async def _replayed_content(
+        self, member: Member, recorder: Changes, merger: ChangeMerger, macros: MacroView
+    ) -> FilterVerdict:
+        receives = member.profile.needs.receives
+        if Header in receives:
+            for name, value in merger.headers():
+                shown = strip_leading_space(value) if member.strip_space else value
+                verdict = await _settled(member.call("header", Header(name, shown), macros))
+                if not isinstance(verdict, Continue):
+                    return verdict
+        if EndOfHeaders in receives:
+            verdict = await _settled(member.call("end_of_headers", EndOfHeaders(), macros))
+            if not isinstance(verdict, Continue):
+                return verdict
+        body, trouble = self._replay_body(merger)
+        if trouble is not None:
+            self.log.error(
+                "[{conn}] filter {filter}: {trouble}, so it cannot be shown the edited message; it gets its"
+                " fallback {fallback!r}", conn=self.connection_id, filter=member.name, trouble=trouble,
+                fallback=member.spec.fallback,
+            )
+            return member.fallback("end_of_message")[0]
+        if member.profile.calls_body:
+            for chunk in body:
+                verdict = await _settled(member.call("body", BodyChunk(chunk), macros))
+                if isinstance(verdict, Skip):
+                    break
+                if not isinstance(verdict, Continue):
+                    return verdict
+        if member.profile.whole_body:
+            member.show_body(self._replay_file(merger))
+        return await _settled(member.call("end_of_message", recorder, macros))
+
+    def _replay_body(self, merger: ChangeMerger) -> tuple[Iterable[bytes], str | None]:
+        """The body to replay, in chunks, or why it cannot be."""
+        if merger.body is not None:
+            return (merger.body[i:i + MAX_BODY_CHUNK] for i in range(0, len(merger.body), MAX_BODY_CHUNK)), None
+        copy = self._copy
+        if copy is None:
+            return (), None
+        if copy.trouble is not None:
+            return (), copy.trouble
+        return copy.chunks(MAX_BODY_CHUNK), None
+
+    def _replay_file(self, merger: ChangeMerger) -> IO[bytes]:
+        if merger.body is not None:
+            return io.BytesIO(merger.body)
+        return self._copy.file() if self._copy is not None else io.BytesIO()
+
+    # -- the end of the session
 
     def close(self) -> Deferred[Any] | None:
         """Call every filter's ``close`` once; later calls do nothing."""
@@ -1021,39 +713,32 @@ class Chain:
         self._closed = True
         pending = []
         for member in self._members:
-            if member.whole_body:
+            if member.profile.whole_body:
                 member.drop_body()
             if member.closed:
                 continue
             member.closed = True
-            closed = self._call_quietly(member, "close")
+            if member.pending is not None:
+                member.pending.cancel()
+                member.pending = None
+            closed = member.call_quietly("close")
             if closed is not None:
                 pending.append(closed)
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
         return _all_of(pending)
 
     def connection_lost(self, in_transaction: bool) -> None:
         """The MTA vanished: cancel work in flight, abort an open message, close every filter.
 
         A Deferred ``handle`` returned for the cancelled work fires with no responses.
-        Filters are aborted when the session or the chain counts a message as open: while
-        end_of_message is pending the session already counts the message as over.
         """
         if self._in_flight is not None:
             self._in_flight.cancel()
-        if in_transaction or any(member.in_message for member in self._members):
-            self._abort(self._members)
+        if in_transaction:
+            self._end_message(self._members)
         self.close()
-
-    def _quietly(self, member: _Member, stage: str, deferred: Deferred[Any]) -> Deferred[Any]:
-        deferred.addTimeout(member.spec.timeout, self._clock)
-
-        def failed(failure: Failure) -> None:
-            if failure.check(CancelledError):
-                return  # connection_lost gave up waiting; not the filter's failure
-            kind = "timeout" if failure.check(TimeoutError) else "error"
-            self._failed(member, stage, failure, kind)
-
-        return deferred.addErrback(failed)
 
     def _after(self, waiting: Deferred[Any] | None, responses: Sequence[Response]) -> Outcome:
         if waiting is None:
@@ -1081,12 +766,13 @@ class Chain:
     def _start_progress(self) -> None:
         if self.send_progress is None:
             return
+        clock = self._context.clock
 
         def tick() -> None:
             self._progress_now()
-            self._progress_call = self._clock.callLater(self._progress_interval, tick)
+            self._progress_call = clock.callLater(self._progress_interval, tick)
 
-        self._progress_call = self._clock.callLater(self._progress_interval, tick)
+        self._progress_call = clock.callLater(self._progress_interval, tick)
 
     def _stop_progress(self, result: object) -> object:
         if self._progress_call is not None and self._progress_call.active():
@@ -1095,47 +781,28 @@ class Chain:
         return result
 
 
-def _all_of(pending: list[Deferred[Any]]) -> Deferred[Any] | None:
-    if not pending:
+async def _settled(outcome: FilterVerdict | Deferred[Any]) -> FilterVerdict:
+    """The verdict of a call, waiting for it if it is pending."""
+    if isinstance(outcome, Deferred):
+        return await outcome  # type: ignore[no-any-return]
+    return outcome
+
+
+def _all_of(pending: Sequence[Deferred[Any] | None]) -> Deferred[Any] | None:
+    waiting = [d for d in pending if d is not None]
+    if not waiting:
         return None
-    return gatherResults(pending, consumeErrors=True).addErrback(lambda _: None)
+    return gatherResults(waiting, consumeErrors=True).addErrback(lambda _: None)
 
 
 def _both(first: Deferred[Any] | None, second: Deferred[Any] | None) -> Deferred[Any] | None:
     """One Deferred for two pieces of work that may each be done already (None)."""
-    return _all_of([d for d in (first, second) if d is not None])
+    return _all_of([first, second])
 
 
-def _describe(changes: Changes) -> list[str]:
-    kinds = [type(edit).__name__ for edit in changes.edits]
-    if changes.sender is not None:
-        kinds.append("ChangeFrom")
-    if changes.body is not None:
-        kinds.append("ReplaceBody")
-    if changes.quarantine_reason is not None:
-        kinds.append("Quarantine")
-    return kinds
 
-
-def verify_filters(filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> tuple[FilterSpec, ...]:
-    """Specs for ``filters``, each factory tried once so configuration errors show before listening."""
-    specs = tuple(as_spec(f) for f in filters)
-    for spec in specs:
-        try:
-            milter = spec.factory()
-        except Exception as e:
-            raise ConfigurationError(f"filter {spec.name} cannot be created: {e}") from e
-        if not IMilter.providedBy(milter):
-            raise ConfigurationError(f"filter {spec.name} does not provide IMilter; derive it from txmilt.Milter")
-        try:
-            _filter_requirements(milter)
-        except (ValueError, TypeError, LocalProtocolError) as e:
-            raise ConfigurationError(f"filter {spec.name} declares something invalid: {e}") from e
-        no_reply = getattr(milter, "no_reply", ())
-        unknown = sorted(set(no_reply) - set(CALLBACKS.values())) if not isinstance(no_reply, str) else [no_reply]
-        if unknown:
-            raise ConfigurationError(
-                f"filter {spec.name}: no_reply must name callbacks that can go unanswered"
-                f" ({', '.join(CALLBACKS.values())}), not {', '.join(map(repr, unknown))}"
-            )
-    return specs
+def _new_message(member: Member) -> None:
+    """Clear what a filter's state says about the last message."""
+    member.retired = member.skipping = False
+    if member.profile.whole_body:
+        member.drop_body()

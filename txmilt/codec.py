@@ -335,10 +335,17 @@ def _dec_macros(payload: bytes) -> Macros:
     command = chr(payload[0])
     if len(payload) == 1:
         return Macros(command)
-    parts = _strings("D", payload[1:], "MACRO")
+    # Damage is tolerated as libmilter tolerates it: the whole name/value pairs are kept.
+    damage = []
+    body = payload[1:]
+    if body[-1] != 0:
+        damage.append("the last string does not end with NUL")
+        body = body[: body.rfind(b"\0") + 1]
+    parts = [decode_text(part) for part in body[:-1].split(b"\0")] if body else []
     if len(parts) % 2:
-        raise RemoteProtocolError(f"MACRO ('D') for {command!r} has a name without a value")
-    return Macros(command, tuple(zip(parts[::2], parts[1::2], strict=True)))
+        damage.append(f"name {parts[-1]!r} has no value")
+        del parts[-1]
+    return Macros(command, tuple(zip(parts[::2], parts[1::2], strict=True)), "; ".join(damage))
 
 
 def _check_address(

@@ -126,6 +126,8 @@ class Macros:
     letter: ClassVar[str] = "D"
     command: str
     pairs: tuple[tuple[str, str], ...] = ()
+    #: What was wrong with the packet, if it arrived damaged (only its whole pairs are in ``pairs``).
+    damage: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)

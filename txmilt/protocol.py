@@ -18,15 +18,16 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from txmilt.chain import (
+    CHAIN_ORDERS,
     DEFAULT_BODY_SPOOL_THRESHOLD,
     DEFAULT_MAX_BODY_SIZE,
     Chain,
     ChainObserver,
     FilterSpec,
-    verify_filters,
+    Lineup,
 )
 from txmilt.codec import DEFAULT_FRAME_LIMIT
-from txmilt.errors import NegotiationError, RemoteProtocolError
+from txmilt.errors import ConfigurationError, NegotiationError, RemoteProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import Negotiate, Progress, Quit, QuitNoClose, Response
 from txmilt.session import (
@@ -35,6 +36,7 @@ from txmilt.session import (
     NEED_DATA,
     Disconnected,
     MilterSession,
+    Notice,
 )
 
 #: Seconds a connection may stay silent between commands before it is closed.
@@ -140,7 +142,7 @@ class MilterProtocol(Protocol):
             factory.frame_limit, max_headers=factory.max_headers, max_header_bytes=factory.max_header_bytes
         )
         self.chain = Chain(
-            factory.filters,
+            factory.lineup,
             factory.clock,
             connection_id=connection_id,
             progress_interval=factory.progress_interval,
@@ -148,6 +150,7 @@ class MilterProtocol(Protocol):
             observer=factory.observer,
             max_body_size=factory.max_body_size,
             body_spool_threshold=factory.body_spool_threshold,
+            chain_order=factory.chain_order,
         )
         self._busy = False
         self._finished = False
@@ -201,9 +204,12 @@ class MilterProtocol(Protocol):
                 if isinstance(event, Negotiate):
                     self._negotiate(event)
                     continue
+                if isinstance(event, Notice):
+                    self.log.warn("[{conn}] {notice}", conn=self.connection_id, notice=event.text)
+                    continue
                 if self._observer is not None:
                     self._started = self.factory.clock.seconds()
-                outcome = self.chain.handle(event, self.session.macros, self.session.over_limit)
+                outcome = self.chain.handle(event, self.session)
                 if isinstance(outcome, Deferred):
                     self._busy = True
                     self._cancel_idle_timer()
@@ -365,7 +371,7 @@ class MilterFactory(Factory):
 
     def __init__(
         self,
-        filters: Sequence[FilterSpec | Callable[[], IMilter]],
+        filters: Lineup | Sequence[FilterSpec | Callable[[], IMilter]],
         clock: IReactorTime | None = None,
         *,
         frame_limit: int = DEFAULT_FRAME_LIMIT,
@@ -378,8 +384,12 @@ class MilterFactory(Factory):
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
+        chain_order: str = "concurrent",
     ) -> None:
         """Serve ``filters`` in this order; the keywords are the limits (0 switches a limit off).
+
+        ``chain_order``: "concurrent" (each command to every filter at once) or
+        "sequential" (one after another, exactly as ``smtpd_milters``).
 
         ``frame_limit``: largest packet payload (larger: the connection is dropped).
         ``idle_timeout``: seconds of silence between commands before the connection is closed.
@@ -394,7 +404,12 @@ class MilterFactory(Factory):
             from twisted.internet import reactor
 
             clock = reactor
-        self.filters = verify_filters(filters)
+        #: The filters, each made once here so configuration errors show before listening.
+        self.lineup = filters if isinstance(filters, Lineup) else Lineup.verified(filters)
+        self.filters = self.lineup.specs
+        if chain_order not in CHAIN_ORDERS:
+            raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
+        self.chain_order = chain_order
         self.clock: IReactorTime = clock
         self.frame_limit = frame_limit
         self.idle_timeout = idle_timeout

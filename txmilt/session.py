@@ -54,7 +54,7 @@ from txmilt.messages import (
 
 
 class Stage(enum.Enum):
-    """Where a session stands; named for the last command processed."""
+    """Where a session stands (libmilter's states); named for the last command processed."""
 
     INIT = "before OPTNEG"
     OPTIONS = "after OPTNEG"
@@ -67,7 +67,19 @@ class Stage(enum.Enum):
     END_OF_HEADERS = "EOH"
     BODY = "BODY"
     END_OF_MESSAGE = "end of message"
+    UNKNOWN = "UNKNOWN"
     CLOSED = "closed"
+
+
+class Scope(enum.Enum):
+    """What a final reply closes, as the MTA acts on it."""
+
+    #: Nothing: the message (if any) goes on.
+    NONE = "nothing"
+    #: The message: it is over (accepted, refused, discarded, or answered at its end).
+    MESSAGE = "the message"
+    #: The SMTP session: an answer at CONNECT or HELO covers every later command.
+    CONNECTION = "the connection"
 
 
 class _NeedData(enum.Enum):
@@ -89,8 +101,15 @@ class Disconnected:
     truncated: bool = False
 
 
-Event = Command | Disconnected
-MilterEvent = Command | Disconnected
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the MTA sent was damaged and ignored, as libmilter ignores it; worth one log line."""
+
+    text: str
+
+
+Event = Command | Disconnected | Notice
+MilterEvent = Event
 MTAEvent = Response | Disconnected
 
 #: Protocol names of the commands, for messages (PROTOCOL.md §2.1).
@@ -118,51 +137,6 @@ def _describe(command: Command) -> str:
     return f"{COMMAND_NAMES[type(command)]} ({command.letter!r})"
 
 
-# The stage each transaction-ordered command moves to.
-_STAGE_OF: Final[Mapping[type, Stage]] = {
-    Connect: Stage.CONNECT,
-    Helo: Stage.HELO,
-    MailFrom: Stage.MAIL,
-    RcptTo: Stage.RCPT,
-    Data: Stage.DATA,
-    Header: Stage.HEADERS,
-    EndOfHeaders: Stage.END_OF_HEADERS,
-    BodyChunk: Stage.BODY,
-    EndOfMessage: Stage.END_OF_MESSAGE,
-}
-
-# Legal successors (libmilter's table, PROTOCOL.md §5.2, with UNKNOWN kept out:
-# it may come between any two commands outside the message content and
-# leaves the stage as it was).
-_NEXT: Final[Mapping[Stage, frozenset[Stage]]] = {
-    Stage.INIT: frozenset(),
-    Stage.OPTIONS: frozenset({Stage.CONNECT}),
-    Stage.CONNECT: frozenset({Stage.HELO, Stage.MAIL}),
-    Stage.HELO: frozenset({Stage.HELO, Stage.MAIL}),
-    Stage.MAIL: frozenset({Stage.RCPT}),
-    Stage.RCPT: frozenset({
-        Stage.RCPT, Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY, Stage.END_OF_MESSAGE,
-    }),
-    Stage.DATA: frozenset({Stage.HEADERS, Stage.END_OF_HEADERS}),
-    Stage.HEADERS: frozenset({Stage.HEADERS, Stage.END_OF_HEADERS}),
-    Stage.END_OF_HEADERS: frozenset({Stage.BODY, Stage.END_OF_MESSAGE}),
-    Stage.BODY: frozenset({Stage.BODY, Stage.END_OF_MESSAGE}),
-    Stage.END_OF_MESSAGE: frozenset({Stage.HELO, Stage.MAIL}),
-    Stage.CLOSED: frozenset(),
-}
-
-# A stage the MTA never enters when the milter switched its command off.
-_SKIPPED_BY: Final[Mapping[Stage, ProtocolFlag]] = {
-    Stage.CONNECT: ProtocolFlag.NO_CONNECT,
-    Stage.HELO: ProtocolFlag.NO_HELO,
-    Stage.MAIL: ProtocolFlag.NO_MAIL,
-    Stage.RCPT: ProtocolFlag.NO_RCPT,
-    Stage.DATA: ProtocolFlag.NO_DATA,
-    Stage.HEADERS: ProtocolFlag.NO_HEADERS,
-    Stage.END_OF_HEADERS: ProtocolFlag.NO_EOH,
-    Stage.BODY: ProtocolFlag.NO_BODY,
-}
-
 #: The flag that switches each command off (``SMFIP_NO*``).
 NO_FLAG: Final[Mapping[type, ProtocolFlag]] = {
     Connect: ProtocolFlag.NO_CONNECT,
@@ -189,13 +163,75 @@ NO_REPLY_FLAG: Final[Mapping[type, ProtocolFlag]] = {
     Unknown: ProtocolFlag.NR_UNKNOWN,
 }
 
-_TRANSACTION: Final = frozenset({
-    Stage.MAIL, Stage.RCPT, Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY,
-})
-_CONTENT: Final = frozenset({Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY})
+# ------------------------------------------------------------------ the tables
+#
+# Three tables say everything about order and lifecycle; nothing else in txmilt decides them.
 
-#: Commands whose refusal leaves the message open (more RCPTs may follow; PROTOCOL.md §5.3).
-REFUSAL_KEEPS_MESSAGE: Final = (RcptTo, Unknown)
+#: Where each command may come and which stage it leads to: libmilter's state table
+#: (PROTOCOL.md §5.2). ABORT, QUIT, QUIT_NC and MACRO are not stages; see ``_Session._order``.
+TRANSITIONS: Final[Mapping[Stage, Mapping[type, Stage]]] = {
+    Stage.INIT: {Negotiate: Stage.OPTIONS},
+    Stage.OPTIONS: {Connect: Stage.CONNECT, Unknown: Stage.UNKNOWN},
+    Stage.CONNECT: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
+    Stage.HELO: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
+    Stage.MAIL: {RcptTo: Stage.RCPT, Unknown: Stage.UNKNOWN},
+    Stage.RCPT: {
+        RcptTo: Stage.RCPT, Data: Stage.DATA, Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS,
+        BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE, Unknown: Stage.UNKNOWN,
+    },
+    Stage.DATA: {Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS},
+    Stage.HEADERS: {Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS},
+    Stage.END_OF_HEADERS: {BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE},
+    Stage.BODY: {BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE},
+    Stage.END_OF_MESSAGE: {MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
+    # After UNKNOWN libmilter takes any of these, wherever UNKNOWN came from.
+    Stage.UNKNOWN: {
+        Helo: Stage.HELO, MailFrom: Stage.MAIL, RcptTo: Stage.RCPT, Data: Stage.DATA, BodyChunk: Stage.BODY,
+        Unknown: Stage.UNKNOWN,
+    },
+    Stage.CLOSED: {},
+}
+
+#: What a final reply closes, by the command it answers and the verdict (PROTOCOL.md §5.3, and
+#: libmilter's state after the reply). Missing pairs close nothing. A refused recipient or
+#: unknown command leaves the message open; an answer at CONNECT or HELO covers the connection.
+_ACCEPT_OR_REFUSE: Final = (Accept, Reject, TempFail, Shutdown)
+_MESSAGE_VERDICTS: Final = (*_ACCEPT_OR_REFUSE, Discard)
+CLOSES: Final[Mapping[type, Mapping[type, Scope]]] = {
+    Connect: dict.fromkeys(_ACCEPT_OR_REFUSE, Scope.CONNECTION),
+    Helo: dict.fromkeys(_ACCEPT_OR_REFUSE, Scope.CONNECTION),
+    MailFrom: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
+    RcptTo: {Accept: Scope.MESSAGE},
+    Data: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
+    Header: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
+    EndOfHeaders: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
+    BodyChunk: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
+    EndOfMessage: dict.fromkeys((Continue, *_MESSAGE_VERDICTS), Scope.MESSAGE),
+    Unknown: {Accept: Scope.MESSAGE},
+}
+
+#: Which final verdicts may answer which commands (negotiated flags aside): SKIP answers only
+#: BODY; DISCARD only commands of a message; the rest answer anything.
+ANSWERS: Final[Mapping[type, frozenset[type]]] = {
+    Skip: frozenset({BodyChunk}),
+    Discard: frozenset({MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown}),
+}
+
+
+def closes(command: type, verdict: type) -> Scope:
+    """What a final ``verdict`` answering ``command`` closes (the CLOSES table)."""
+    return CLOSES.get(command, _NOTHING).get(verdict, Scope.NONE)
+
+
+def can_answer(command: type, verdict: type) -> bool:
+    """Whether a verdict of this kind may answer this kind of command (the ANSWERS table)."""
+    allowed = ANSWERS.get(verdict)
+    return allowed is None or command in allowed
+
+
+_NOTHING: Final[Mapping[type, Scope]] = {}
+# Stages a message can be in before its end (libmilter's "transaction"), for messages.
+_CONTENT: Final = frozenset({Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY})
 
 # Macro sets libmilter keeps, by command letter, in lookup order (latest stage first).
 _MACRO_LETTERS: Final = "ENTRMHC"
@@ -203,31 +239,10 @@ _MACRO_LETTERS: Final = "ENTRMHC"
 _MACRO_CLEARS: Final[Mapping[str, str]] = {"C": "HMRTNE", "H": "MRTNE", "M": "RTNE", "R": "TNE"}
 
 _FINAL: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
-_REFUSALS: Final = (Reject, TempFail, Discard, Shutdown)
 _ALWAYS_ALLOWED: Final = (NegotiateReply, Progress, Continue, Accept, Reject, TempFail, Shutdown)
-_QUITS: Final = (Quit, QuitNoClose)
-_ENDINGS: Final = (Abort, Quit, QuitNoClose)
 _NO_REPLY_COMMANDS: Final = (Macros, Abort, Quit, QuitNoClose)
-_MACRO_RESETS: Final = (Negotiate, Quit, QuitNoClose)
-_STAGE_KEEPERS: Final = (Negotiate, Unknown)
 #: The CONTINUE packet, the answer to almost every command.
 _CONTINUE_FRAME: Final = b"\x00\x00\x00\x01c"
-# Commands at which DISCARD means something (a message is in progress or marked).
-_DISCARD_COMMANDS: Final = frozenset(
-    {MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown}
-)
-
-
-def can_answer(command: type, verdict: type) -> bool:
-    """Whether a verdict of this kind may answer this kind of command (negotiated flags aside).
-
-    SKIP answers only BODY; DISCARD only commands of a message (not CONNECT or HELO).
-    """
-    if verdict is Skip:
-        return command is BodyChunk
-    if verdict is Discard:
-        return command in _DISCARD_COMMANDS
-    return True
 
 #: Protocol bits a milter may ask for without the MTA noticing when they are missing.
 OPTIONAL_PROTOCOL_BITS: Final = ProtocolFlag(
@@ -254,19 +269,37 @@ class LimitExceeded:
         return f"{self.what} {self.value} above the limit of {self.limit}"
 
 
+# The stage a command of each kind leads to from TRANSITIONS, for walking over switched-off stages.
+_SKIPPED_BY: Final[Mapping[Stage, ProtocolFlag]] = {
+    Stage.CONNECT: ProtocolFlag.NO_CONNECT,
+    Stage.HELO: ProtocolFlag.NO_HELO,
+    Stage.MAIL: ProtocolFlag.NO_MAIL,
+    Stage.RCPT: ProtocolFlag.NO_RCPT,
+    Stage.DATA: ProtocolFlag.NO_DATA,
+    Stage.HEADERS: ProtocolFlag.NO_HEADERS,
+    Stage.END_OF_HEADERS: ProtocolFlag.NO_EOH,
+    Stage.BODY: ProtocolFlag.NO_BODY,
+}
+
+
 @functools.lru_cache(maxsize=64)
-def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, frozenset[Stage]]:
-    """Successor table with stages switched off by NO flags walked over."""
+def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, Mapping[type, Stage]]:
+    """TRANSITIONS with the stages switched off by NO flags walked over, as libmilter does.
+
+    A command may also come where the MTA, not sending the switched-off ones, goes
+    straight on: with NO_RCPT, DATA may follow MAIL.
+    """
     skip = {stage for stage, flag in _SKIPPED_BY.items() if flag & skipped}
 
-    def reach(stage: Stage, seen: frozenset[Stage]) -> set[Stage]:
-        out = set(_NEXT[stage])
-        for successor in _NEXT[stage] & skip:
-            if successor not in seen:
-                out |= reach(successor, seen | {successor})
+    def reach(stage: Stage, seen: frozenset[Stage]) -> dict[type, Stage]:
+        out = dict(TRANSITIONS[stage])
+        for target in set(TRANSITIONS[stage].values()) & skip:
+            if target not in seen:
+                for command, successor in reach(target, seen | {target}).items():
+                    out.setdefault(command, successor)
         return out
 
-    return {stage: frozenset(reach(stage, frozenset({stage}))) for stage in Stage}
+    return {stage: reach(stage, frozenset({stage})) for stage in Stage}
 
 
 @functools.lru_cache(maxsize=64)
@@ -387,7 +420,9 @@ def check_negotiation(
 class _Session:
     """Order, negotiation and reply bookkeeping shared by both sides."""
 
-    __slots__ = ("_awaiting", "_eof", "_frames", "_silent", "_transitions", "negotiated", "offer", "stage")
+    __slots__ = (
+        "_awaiting", "_eof", "_frames", "_message_open", "_silent", "_transitions", "negotiated", "offer", "stage",
+    )
 
     _local_error: type[ProtocolError] = LocalProtocolError
 
@@ -400,6 +435,7 @@ class _Session:
         self._transitions = _transitions(ProtocolFlag.NONE)
         self._silent: frozenset[type] = frozenset()
         self._awaiting: Command | None = None
+        self._message_open = False
 
     # -- negotiated values
 
@@ -420,8 +456,8 @@ class _Session:
 
     @property
     def in_transaction(self) -> bool:
-        """Whether a message is open (MAIL seen, end of message or abort not yet)."""
-        return self.stage in _TRANSACTION
+        """Whether a message is open: from MAIL until its end is answered, a reply closes it, or ABORT."""
+        return self._message_open
 
     @property
     def awaiting(self) -> Command | None:
@@ -441,52 +477,55 @@ class _Session:
         return kind in NO_REPLY_FLAG and kind not in self._silent
 
     def _order(self, command: Command, error: type[ProtocolError]) -> list[Command]:
-        """Move the stage for ``command``; the events it stands for (an implicit abort first)."""
+        """Move the stage for ``command`` (TRANSITIONS); the events it stands for (an implicit abort first)."""
         stage = self.stage
+        kind = type(command)
         if stage is Stage.CLOSED:
             raise error(f"{_describe(command)} after the session closed")
-        if isinstance(command, Negotiate):
+        if stage is Stage.INIT and kind is not Negotiate:
+            raise error(f"{_describe(command)} in stage {stage.value}")
+        if kind is Macros:
+            return [command]
+        if kind is Negotiate:
             if stage is not Stage.INIT:
                 raise error(f"second {_describe(command)} in stage {stage.value}")
+            return [command]  # the stage moves when the reply is sent
+        if kind is Abort:
+            if not self._message_open:
+                return []  # libmilter ignores an ABORT outside a message, and a second one
+            self._message_open = False
+            self.stage = Stage.HELO
             return [command]
-        if stage is Stage.INIT:
-            raise error(f"{_describe(command)} in stage {stage.value}")
-        if isinstance(command, Macros):
-            return [command]
-        if isinstance(command, Abort):
-            if stage in _TRANSACTION:
-                self.stage = Stage.HELO
-                return [command]
-            return []
-        if isinstance(command, _QUITS):
-            events: list[Command] = [Abort()] if stage in _TRANSACTION else []
-            self.stage = Stage.CLOSED if isinstance(command, Quit) else Stage.OPTIONS
+        if kind is Quit or kind is QuitNoClose:
+            events: list[Command] = [Abort()] if self._message_open else []
+            self._message_open = False
+            self.stage = Stage.CLOSED if kind is Quit else Stage.OPTIONS
             return [*events, command]
-        if isinstance(command, Unknown):
-            if stage in _CONTENT:
-                raise error(f"{_describe(command)} not allowed in stage {stage.value}")
-            return [command]
-        target = _STAGE_OF[type(command)]
-        if target in self._transitions[stage]:
+        target = self._transitions[stage].get(kind)
+        if target is not None:
             self.stage = target
+            if kind is MailFrom:
+                self._message_open = True
             return [command]
-        if stage is not Stage.OPTIONS and target in self._transitions[Stage.HELO]:
-            # libmilter's fallback: abandon the open message and start again from HELO.
-            self.stage = target
-            return [Abort(), command] if stage in _TRANSACTION else [command]
-        raise error(f"{_describe(command)} not allowed in stage {stage.value}")
+        target = self._transitions[Stage.HELO].get(kind)
+        if target is None:
+            raise error(f"{_describe(command)} not allowed in stage {stage.value}")
+        # libmilter's fallback: abandon the open message, if any, and take the command as after HELO.
+        events = [Abort()] if self._message_open else []
+        self._message_open = kind is MailFrom
+        self.stage = target
+        return [*events, command]
 
     def _after_final(self, command: Command, reply: Response) -> None:
-        """Move the stage once the final reply to ``command`` is out."""
+        """Move the stage once the final reply to ``command`` is out (the CLOSES table)."""
         self._awaiting = None
-        if isinstance(command, _STAGE_KEEPERS) or self.stage is Stage.CLOSED:
+        if self.stage is Stage.CLOSED:
             return
-        if isinstance(command, EndOfMessage):
-            self.stage = Stage.END_OF_MESSAGE
-        elif isinstance(reply, Accept) or (
-            isinstance(reply, _REFUSALS)
-            and not isinstance(command, REFUSAL_KEEPS_MESSAGE)
-        ):
+        kind = type(command)
+        if kind is EndOfMessage:
+            self._message_open = False
+        elif closes(kind, type(reply)) is not Scope.NONE:
+            self._message_open = False
             self.stage = Stage.HELO
 
     def _check_response(self, response: Response, error: type[ProtocolError]) -> Command:
@@ -524,8 +563,8 @@ class MilterSession(_Session):
     """
 
     __slots__ = (
-        "_macro_view", "_macros", "_pending", "header_bytes", "header_count", "max_header_bytes", "max_headers",
-        "over_limit",
+        "_damage_noticed", "_macro_view", "_macros", "_pending", "header_bytes", "header_count", "max_header_bytes",
+        "max_headers", "over_limit",
     )
 
     def __init__(
@@ -539,6 +578,7 @@ class MilterSession(_Session):
         self._macros: dict[str, Mapping[str, str]] = {}
         self._macro_view: MacroView | None = None
         self._pending: list[Event] = []
+        self._damage_noticed = False
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         #: Headers received in the current message.
@@ -574,7 +614,7 @@ class MilterSession(_Session):
             self._eof = True
 
     def next_event(self) -> MilterEvent | _NeedData:
-        """The next command (or Disconnected), or NEED_DATA.
+        """The next command (or Disconnected, or a Notice of ignored damage), or NEED_DATA.
 
         Asking before the owed reply was sent is a LocalProtocolError, except
         after end of stream: then the reply can no longer arrive and is dropped.
@@ -596,13 +636,14 @@ class MilterSession(_Session):
                 if not self._eof:
                     return NEED_DATA
                 truncated = self._frames.pending > 0
-                events: list[Event] = [Abort()] if self.in_transaction else []
+                events: list[Event] = [Abort()] if self._message_open else []
+                self._message_open = False
                 self.stage = Stage.CLOSED
                 self._pending.extend([*events, Disconnected(truncated)])
                 break
             self._pending.extend(self._command(*frame))
         event = self._pending.pop(0)
-        if not isinstance(event, Disconnected) and self._reply_expected(event):
+        if not isinstance(event, Disconnected | Notice) and self._reply_expected(event):
             self._awaiting = event
         return event
 
@@ -621,13 +662,19 @@ class MilterSession(_Session):
             raise
         if isinstance(command, Macros):
             self._store_macros(command)
+            if command.damage and not self._damage_noticed:
+                self._damage_noticed = True
+                return [Notice(
+                    f"damaged MACRO packet for {command.command!r} ({command.damage}); kept its whole name/value"
+                    " pairs and ignored the rest, as libmilter does (reported once per connection)"
+                )]
             return []
         if letter == "L":
             self._count_header(len(payload))
         elif letter == "M":
             self.header_count = self.header_bytes = 0
             self.over_limit = None
-        if isinstance(command, _MACRO_RESETS):
+        if letter in "OQK":
             self._macros = {}
             self._macro_view = None
         elif command.letter in _MACRO_CLEARS:
@@ -705,7 +752,7 @@ class MTASession(_Session):
             raise LocalProtocolError(f"the milter switched {_describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
-        if isinstance(command, _ENDINGS):
+        if isinstance(command, Abort | Quit | QuitNoClose):
             self._awaiting = None
         if isinstance(command, Negotiate):
             self.offer = command

@@ -338,8 +338,10 @@ async def test_disconnect_at_every_offset(reactor: Any, logs: Logs) -> None:
     """An MTA vanishing after any number of bytes of a session leaks no connection; close runs once each."""
     journal = Journal(reactor)
     registry: list[Counted] = []
-    factory = make_factory(reactor, journal)
-    factory.filters = (*factory.filters, FilterSpec(functools.partial(Counted, registry, reactor), name="counted"))
+    factory = make_factory(
+        reactor, journal, after=[FilterSpec(functools.partial(Counted, registry, reactor), name="counted")]
+    )
+    registry.clear()  # the instance the factory made to check the filter before serving
     data = complete_session()
     port, endpoint = await serve(reactor, factory)
 
@@ -436,13 +438,11 @@ EXPECTED_LOG = {
 
 
 def faulty_factory(reactor: Any, journal: Journal, mode: str, fallback: Any = None) -> MilterFactory:
-    factory = make_factory(reactor, journal)
     spec = FilterSpec(
         functools.partial(Faulty, mode), name="faulty", timeout=0.2,
         fallback=fallback if fallback is not None else Continue(),
     )
-    factory.filters = (spec, *factory.filters)
-    return factory
+    return make_factory(reactor, journal, before=[spec])
 
 
 async def bad_session(reactor: Any, endpoint: TCP4ClientEndpoint) -> list[list[Response]]:

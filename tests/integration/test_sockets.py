@@ -162,12 +162,16 @@ class BodyInspector(Recorded):
         return super().abort()
 
 
-def make_factory(reactor: Any, journal: Journal) -> MilterFactory:
+def make_factory(
+    reactor: Any, journal: Journal, *, before: Sequence[FilterSpec] = (), after: Sequence[FilterSpec] = ()
+) -> MilterFactory:
     return MilterFactory(
         [
+            *before,
             FilterSpec(functools.partial(HeaderStamper, journal), name="stamper"),
             FilterSpec(functools.partial(RecipientRejecter, journal), name="rejecter"),
             FilterSpec(functools.partial(BodyInspector, journal), name="inspector"),
+            *after,
         ],
         reactor,
     )

@@ -1,0 +1,412 @@
+"""Chain members: how a filter is configured, what it declares, and calling it safely.
+
+``FilterSpec`` says how to make a filter and how to treat it when it fails;
+``Lineup`` holds the configured specs with what each declares, worked out once
+per factory; a ``Member`` is one filter instance on one connection, and
+``Member.call`` runs one callback with the filter's timeout and fallback.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, Protocol
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
+
+from txmilt.errors import ConfigurationError, LocalProtocolError
+from txmilt.interfaces import IMilter
+from txmilt.merge import Needs
+from txmilt.messages import (
+    Accept,
+    Action,
+    BodyChunk,
+    Continue,
+    EndOfHeaders,
+    EndOfMessage,
+    Header,
+    MacroStage,
+    ProtocolFlag,
+    Reject,
+    TempFail,
+)
+from txmilt.milter import CALLBACKS, FILTER_VERDICTS, FilterVerdict, overrides
+from txmilt.session import MacroView, Requirements, can_answer
+from txmilt.spool import BodySpool
+
+_FALLBACKS = (TempFail, Accept, Continue, Reject)
+_CONTINUE = Continue()
+#: The command each callback answers, for checking a verdict against session.can_answer.
+_COMMAND_OF = {name: kind for kind, name in CALLBACKS.items()} | {"end_of_message": EndOfMessage}
+#: Message content: what an ``after_changes`` filter is shown again, edited, at end of message.
+CONTENT_EVENTS = frozenset({Header, EndOfHeaders, BodyChunk})
+#: Actions that change what a later filter would see of the message content.
+CONTENT_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS | Action.CHANGE_BODY
+
+
+class ChainObserver(Protocol):
+    """Receives the chain's counts and timings (metrics plug in here)."""
+
+    def verdict(self, filter_name: str, stage: str, verdict: str, dry_run: bool) -> None:
+        """A filter answered ``verdict`` at ``stage``."""
+
+    def change(self, filter_name: str, kind: str, dry_run: bool) -> None:
+        """A filter made one change of ``kind`` at end of message."""
+
+    def latency(self, filter_name: str, stage: str, seconds: float) -> None:
+        """A filter took ``seconds`` to answer at ``stage``."""
+
+    def failure(self, filter_name: str, stage: str, kind: str) -> None:
+        """A filter failed at ``stage``: ``kind`` is "timeout", "error", "bad-verdict" or "body" (too large)."""
+
+
+@dataclass(frozen=True)
+class FilterSpec:
+    """One chain member: how to make it, and how to treat it when it fails.
+
+    ``after_changes`` makes the filter see the message content as the filters
+    before it left it (as a filter listed later in ``smtpd_milters`` does); a
+    filter class can also declare it with an ``after_changes = True`` attribute.
+    """
+
+    factory: Callable[[], IMilter]
+    name: str = ""
+    timeout: float = 25.0
+    fallback: FilterVerdict = field(default_factory=TempFail)
+    dry_run: bool = False
+    after_changes: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            name = getattr(self.factory, "__qualname__", None) or repr(self.factory)
+            object.__setattr__(self, "name", name)
+        if not isinstance(self.fallback, _FALLBACKS):
+            raise ConfigurationError(
+                f"filter {self.name}: fallback must be TempFail, Accept, Continue or Reject, not {self.fallback!r}"
+            )
+        if not self.timeout > 0:
+            raise ConfigurationError(f"filter {self.name}: timeout must be positive, not {self.timeout!r}")
+
+
+def as_spec(member: FilterSpec | Callable[[], IMilter]) -> FilterSpec:
+    """A FilterSpec for a spec or a bare factory (such as a Milter subclass)."""
+    return member if isinstance(member, FilterSpec) else FilterSpec(member)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What a filter declares; the same for every instance one FilterSpec makes."""
+
+    needs: Needs
+    no_reply: frozenset[str]
+    whole_body: bool
+    calls_body: bool
+    after_changes: bool
+
+    @property
+    def requirements(self) -> Requirements:
+        """Actions, protocol options and macros the filter needs."""
+        return self.needs.requirements
+
+
+def profile_of(spec: FilterSpec, milter: IMilter) -> Profile:
+    """The declarations of ``milter``; ConfigurationError if one is invalid."""
+    no_reply: Any = getattr(milter, "no_reply", frozenset())
+    unknown = sorted(set(no_reply) - set(CALLBACKS.values())) if not isinstance(no_reply, str) else [no_reply]
+    if unknown:
+        raise ConfigurationError(
+            f"filter {spec.name}: no_reply must name callbacks that can go unanswered"
+            f" ({', '.join(CALLBACKS.values())}), not {', '.join(map(repr, unknown))}"
+        )
+    try:
+        receives = frozenset(command for command, name in CALLBACKS.items() if overrides(milter, name))
+        silent = frozenset(command for command in receives if CALLBACKS[command] in no_reply)
+        whole_body = bool(getattr(milter, "whole_body", False))
+        if whole_body:
+            # The chain buffers the body for it: it needs the chunks, but answers none of them itself.
+            if BodyChunk not in receives:
+                silent |= {BodyChunk}
+            receives |= {BodyChunk}
+        protocol = ProtocolFlag.NONE
+        if getattr(milter, "leading_space", False):
+            protocol |= ProtocolFlag.HEADER_LEADING_SPACE
+        if getattr(milter, "rejected_recipients", False):
+            protocol |= ProtocolFlag.RCPT_REJECTED
+        macros = {MacroStage(stage): tuple(names) for stage, names in getattr(milter, "macro_requests", {}).items()}
+        requirements = Requirements(
+            actions=Action(getattr(milter, "actions", Action.NONE)), protocol=protocol, macros=macros
+        )
+    except (ValueError, TypeError, LocalProtocolError) as e:
+        raise ConfigurationError(f"filter {spec.name} declares something invalid: {e}") from e
+    return Profile(
+        Needs(requirements, receives, silent), frozenset(no_reply), whole_body, overrides(milter, "body"),
+        spec.after_changes or bool(getattr(milter, "after_changes", False)),
+    )
+
+
+class Lineup:
+    """The configured filters in chain order, with what each declares, worked out once per factory."""
+
+    def __init__(self, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> None:
+        #: The specs, in chain order.
+        self.specs = tuple(as_spec(f) for f in filters)
+        self._profiles: list[Profile | None] = [None] * len(self.specs)
+        #: Scratch space for the chain's per-lineup caches (its negotiation replies).
+        self.cache: dict[Any, Any] = {}
+
+    @classmethod
+    def verified(cls, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> Lineup:
+        """A lineup whose filters were each made once, so configuration errors show before listening."""
+        lineup = cls(filters)
+        for index, spec in enumerate(lineup.specs):
+            try:
+                milter = spec.factory()
+            except Exception as e:
+                raise ConfigurationError(f"filter {spec.name} cannot be created: {e}") from e
+            if not IMilter.providedBy(milter):
+                raise ConfigurationError(
+                    f"filter {spec.name} does not provide IMilter; derive it from txmilt.Milter"
+                )
+            lineup.profile(index, milter)
+        return lineup
+
+    def profiles(self) -> list[Profile]:
+        """Every filter's declarations, once each has been worked out (a chain has made its filters)."""
+        known = [profile for profile in self._profiles if profile is not None]
+        if len(known) != len(self._profiles):
+            raise LocalProtocolError("a lineup's declarations are known only once a chain has made its filters")
+        return known
+
+    def profile(self, index: int, milter: IMilter) -> Profile:
+        """The declarations of filter ``index``, worked out from its first instance (``milter``)."""
+        profile = self._profiles[index]
+        if profile is None:
+            profile = self._profiles[index] = profile_of(self.specs[index], milter)
+        return profile
+
+
+def verify_filters(filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> tuple[FilterSpec, ...]:
+    """Specs for ``filters``, each factory tried once so configuration errors show before listening."""
+    return Lineup.verified(filters).specs
+
+
+@dataclass
+class Context:
+    """What every member of one chain shares: the clock, the observer and the connection's id for logs."""
+
+    clock: IReactorTime
+    connection_id: str = "-"
+    observer: ChainObserver | None = None
+    log: Logger = field(default_factory=lambda: Logger(namespace="txmilt.chain.Chain"))
+
+
+class Member:
+    """One filter instance on one connection, with its per-message state."""
+
+    __slots__ = (
+        "add_space", "closed", "context", "failed", "milter", "pending", "profile", "replayed", "retired",
+        "retired_for_connection", "skipping", "spec", "spool", "strip_space",
+    )
+
+    def __init__(self, lineup: Lineup, index: int, context: Context) -> None:
+        self.spec = lineup.specs[index]
+        self.context = context
+        self.milter = self.spec.factory()
+        self.profile = lineup.profile(index, self.milter)
+        #: Header values lose (or gain, on the way back) the leading space the filter did not ask for.
+        self.strip_space = self.add_space = False
+        #: It accepted the current message: it sees no more of it.
+        self.retired = False
+        #: It accepted at CONNECT or HELO: it sees nothing more of this connection.
+        self.retired_for_connection = False
+        #: It answered Skip: no more body chunks for this message.
+        self.skipping = False
+        #: Its end_of_message failed: its changes, perhaps half made, are dropped.
+        self.failed = False
+        self.closed = False
+        #: The body buffered for a ``whole_body`` filter.
+        self.spool: BodySpool | None = None
+        #: A dry-run filter's unfinished work; its next callback waits for it.
+        self.pending: Deferred[Any] | None = None
+        #: It is shown the message content at end of message, as the filters before it left it.
+        self.replayed = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the filter still takes part in the current message."""
+        return not (self.retired or self.retired_for_connection)
+
+    @property
+    def name(self) -> str:
+        """The filter's name, for logs and metrics."""
+        return self.spec.name
+
+    def show_body(self, body: IO[bytes] | None) -> None:
+        """Set a ``whole_body`` filter's ``body_file``."""
+        milter: Any = self.milter
+        milter.body_file = body
+
+    def drop_body(self) -> None:
+        """Forget the buffered body and the file the filter was shown."""
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+        if self.profile.whole_body:
+            self.show_body(None)
+
+    # -- calling the filter
+
+    def call(self, stage: str, argument: object, macros: MacroView) -> FilterVerdict | Deferred[Any]:
+        """Run one callback; a verdict now, or a Deferred of one that never fails (the fallback instead)."""
+        milter = self.milter
+        milter.macros = macros
+        observed = self.context.observer is not None
+        started = self.context.clock.seconds() if observed else 0.0
+        try:
+            value = getattr(milter, stage)(argument)
+        except Exception:
+            if observed:
+                self._latency(stage, started)
+            return self.failed_with(stage, Failure(), "error")
+        if value is None or type(value) is Continue:
+            if observed:
+                self._latency(stage, started)
+            return _CONTINUE
+        return self._settle(stage, value, started)
+
+    def call_quietly(self, stage: str) -> Deferred[Any] | None:
+        """Run a callback whose answer does not count (abort, reset, close); a Deferred if it is slow."""
+        try:
+            value = getattr(self.milter, stage)()
+        except Exception:
+            self.failed_with(stage, Failure(), "error")
+            return None
+        if inspect.iscoroutine(value):
+            value = Deferred.fromCoroutine(value)
+        if not isinstance(value, Deferred):
+            return None
+        value.addTimeout(self.spec.timeout, self.context.clock)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(TimeoutError):
+                self.failed_with(stage, failure, "timeout")
+            elif not failure.check(CancelledError):
+                self.failed_with(stage, failure, "error")
+
+        return value.addErrback(failed)
+
+    def _settle(self, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
+        """The verdict a callback's return value stands for, now or (for a pending Deferred) later."""
+        if inspect.iscoroutine(value):
+            value = Deferred.fromCoroutine(value)
+        if isinstance(value, Deferred):
+            if not value.called or value.paused:
+                return self._wait(stage, value, started)
+            box: list[object] = []  # already fired: a finished coroutine, succeed(...)
+            value.addBoth(box.append)
+            value = box[0]
+        self._latency(stage, started)
+        if isinstance(value, Failure):
+            return self.failed_with(stage, value, "error")
+        return self._verdict(stage, value)
+
+    def _wait(self, stage: str, value: Deferred[Any], started: float) -> Deferred[Any]:
+        """A Deferred of the verdict, never failing; cancelling it cancels the filter's work."""
+        cancelled = False
+
+        def cancel(_: Deferred[Any]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            value.cancel()
+            forward(_CONTINUE)  # in case the filter's Deferred ignores the cancellation
+
+        def forward(result: object) -> None:
+            if not verdict.called:
+                verdict.callback(result)
+
+        def done(result: object) -> object:
+            self._latency(stage, started)
+            return self._verdict(stage, result)
+
+        def failed(failure: Failure) -> object:
+            if cancelled:
+                return _CONTINUE  # the chain no longer needs this answer; nothing to report
+            self._latency(stage, started)
+            kind = "timeout" if failure.check(TimeoutError) else "error"
+            return self.failed_with(stage, failure, kind)
+
+        verdict: Deferred[Any] = Deferred(cancel)
+        value.addTimeout(self.spec.timeout, self.context.clock)
+        value.addCallbacks(done, failed).addBoth(forward)
+        return verdict
+
+    def _verdict(self, stage: str, value: object) -> FilterVerdict:
+        if value is None:
+            return _CONTINUE
+        if isinstance(value, FILTER_VERDICTS):
+            return self._checked(stage, value)
+        return self._bad_verdict(stage, value)
+
+    def _checked(self, stage: str, verdict: FilterVerdict) -> FilterVerdict:
+        """The verdict if it is legal at this stage, else the filter's fallback."""
+        kind = _COMMAND_OF.get(stage)
+        if kind is not None and not can_answer(kind, type(verdict)):
+            return self._bad_verdict(stage, verdict)
+        if stage in self.profile.no_reply and not isinstance(verdict, Continue):
+            self.context.log.error(
+                "[{conn}] filter {filter} answered {verdict!r} from {stage}, which it declared no_reply;"
+                " ignored", conn=self.context.connection_id, filter=self.name, verdict=verdict, stage=stage,
+            )
+            return _CONTINUE
+        return verdict
+
+    def fallback(self, stage: str) -> tuple[FilterVerdict, str]:
+        """What a failed callback answers, and how the log says so."""
+        if stage == "end_of_message":
+            self.failed = True
+        if stage in ("abort", "reset", "close"):
+            return _CONTINUE, "carrying on"
+        if stage in self.profile.no_reply:
+            # The MTA reads no reply here (or the filter promised it only observes): never refuse.
+            return _CONTINUE, "continuing, as the callback is declared no_reply"
+        return self.spec.fallback, f"using fallback {self.spec.fallback!r}"
+
+    def _bad_verdict(self, stage: str, value: object) -> FilterVerdict:
+        fallback, consequence = self.fallback(stage)
+        self.context.log.error(
+            "[{conn}] filter {filter} returned {value!r} from {stage}, not a verdict legal there; {consequence}",
+            conn=self.context.connection_id, filter=self.name, value=value, stage=stage, consequence=consequence,
+        )
+        self._report(stage, "bad-verdict")
+        return fallback
+
+    def failed_with(self, stage: str, failure: Failure, kind: str) -> FilterVerdict:
+        """Log a failed callback (``kind`` "timeout" or "error"); the fallback it gets."""
+        fallback, consequence = self.fallback(stage)
+        log, conn = self.context.log, self.context.connection_id
+        if kind == "timeout":
+            log.error(
+                "[{conn}] filter {filter} timed out after {timeout}s in {stage}; {consequence}",
+                conn=conn, filter=self.name, timeout=self.spec.timeout, stage=stage, consequence=consequence,
+            )
+        else:
+            log.failure(
+                "[{conn}] filter {filter} failed in {stage}; {consequence}", failure=failure, level=LogLevel.error,
+                conn=conn, filter=self.name, stage=stage, consequence=consequence,
+            )
+        self._report(stage, kind)
+        return fallback
+
+    def _report(self, stage: str, kind: str) -> None:
+        if self.context.observer is not None:
+            self.context.observer.failure(self.name, stage, kind)
+
+    def _latency(self, stage: str, started: float) -> None:
+        observer = self.context.observer
+        if observer is not None:
+            observer.latency(self.name, stage, self.context.clock.seconds() - started)
+
