@@ -43,6 +43,19 @@ DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_NEGOTIATION_TIMEOUT = 10.0
 #: Connections served at once before new ones are refused.
 DEFAULT_MAX_CONNECTIONS = 2000
+#: Seconds between keep-alives (SMFIR_PROGRESS) while a slow end of message is pending.
+DEFAULT_PROGRESS_INTERVAL = 10.0
+
+
+class VerifiedFilters(tuple[FilterSpec, ...]):
+    """Filter specs whose factories verify_filters has tried; MilterFactory takes them as they are."""
+
+    __slots__ = ()
+
+    @classmethod
+    def verify(cls, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> VerifiedFilters:
+        """Specs for ``filters``, each factory called once (ConfigurationError names a bad one)."""
+        return cls(verify_filters(filters))
 
 
 def _has_server_hooks(observer: object) -> bool:
@@ -372,7 +385,7 @@ class MilterFactory(Factory):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        progress_interval: float = 10.0,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         observer: ChainObserver | None = None,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
@@ -380,6 +393,9 @@ class MilterFactory(Factory):
         body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
     ) -> None:
         """Serve ``filters`` in this order; the keywords are the limits (0 switches a limit off).
+
+        Each filter's factory is called once now, to show configuration errors
+        early, unless ``filters`` are VerifiedFilters (tried once already).
 
         ``frame_limit``: largest packet payload (larger: the connection is dropped).
         ``idle_timeout``: seconds of silence between commands before the connection is closed.
@@ -394,7 +410,9 @@ class MilterFactory(Factory):
             from twisted.internet import reactor
 
             clock = reactor
-        self.filters = verify_filters(filters)
+        self.filters: tuple[FilterSpec, ...] = (
+            filters if isinstance(filters, VerifiedFilters) else VerifiedFilters.verify(filters)
+        )
         self.clock: IReactorTime = clock
         self.frame_limit = frame_limit
         self.idle_timeout = idle_timeout
