@@ -16,6 +16,7 @@ from txmilt.chain import Chain, FilterSpec, verify_filters
 from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
+    ALL_ACTIONS,
     ALL_PROTOCOL,
     Abort,
     Accept,
@@ -120,7 +121,7 @@ class Scripted(Milter):
 class Editor(Scripted):
     """A scripted filter allowed every change."""
 
-    actions = Action.all()
+    actions = ALL_ACTIONS
 
 
 class SpacedEditor(Editor):

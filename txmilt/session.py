@@ -89,7 +89,6 @@ class Disconnected:
     truncated: bool = False
 
 
-Event = Command | Disconnected
 MilterEvent = Command | Disconnected
 MTAEvent = Response | Disconnected
 
@@ -538,7 +537,7 @@ class MilterSession(_Session):
         super().__init__(frame_limit)
         self._macros: dict[str, Mapping[str, str]] = {}
         self._macro_view: MacroView | None = None
-        self._pending: list[Event] = []
+        self._pending: list[MilterEvent] = []
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
         #: Headers received in the current message.
@@ -596,7 +595,7 @@ class MilterSession(_Session):
                 if not self._eof:
                     return NEED_DATA
                 truncated = self._frames.pending > 0
-                events: list[Event] = [Abort()] if self.in_transaction else []
+                events: list[MilterEvent] = [Abort()] if self.in_transaction else []
                 self.stage = Stage.CLOSED
                 self._pending.extend([*events, Disconnected(truncated)])
                 break
@@ -606,7 +605,7 @@ class MilterSession(_Session):
             self._awaiting = event
         return event
 
-    def _command(self, letter: str, payload: bytes) -> list[Event]:
+    def _command(self, letter: str, payload: bytes) -> list[MilterEvent]:
         stage = self.stage
         try:
             command = decode_command(letter, payload)
