@@ -358,16 +358,20 @@ class OptionErrorTests(TempDirMixin):
         self.assertTrue(stderr.getvalue().startswith("twistd milter: filter 'nosuch.module:Filter': cannot import"))
         self.assertEqual(stdout.getvalue(), "")
 
-    def test_under_twistd_option_mistake(self) -> None:
-        """Under twistd, a mistake in the option syntax adds one line pointing at --help."""
+    def twistd_stderr(self, arguments: list[str]) -> str:
+        """What ``twistd milter ARGUMENTS`` writes on stderr before exiting with status 1."""
         stderr = io.StringIO()
         self.patch(sys, "stderr", stderr)
         self.patch(sys, "stdout", io.StringIO())
         options = Options()
         options.parent = ServerOptions()
-        self.assertRaises(SystemExit, options.parseOptions, ["--frame-limit", "big", "-f", STAMP])
+        self.assertEqual(self.assertRaises(SystemExit, options.parseOptions, arguments).code, 1)
+        return stderr.getvalue()
+
+    def test_under_twistd_option_mistake(self) -> None:
+        """Under twistd, a mistake in the option syntax adds one line pointing at --help."""
         self.assertEqual(
-            stderr.getvalue(),
+            self.twistd_stderr(["--frame-limit", "big", "-f", STAMP]),
             "twistd milter: Parameter type enforcement failed: --frame-limit takes a whole number, not 'big'\n"
             "(twistd milter --help lists the options)\n",
         )
@@ -375,13 +379,8 @@ class OptionErrorTests(TempDirMixin):
     def test_metrics_without_prometheus_client(self) -> None:
         """--metrics without prometheus_client is one line on stderr saying what to install."""
         without_prometheus_client(self)
-        stderr = io.StringIO()
-        self.patch(sys, "stderr", stderr)
-        options = Options()
-        options.parent = ServerOptions()
-        self.assertRaises(SystemExit, options.parseOptions, ["--metrics", "tcp:0", "-f", STAMP])
         self.assertEqual(
-            stderr.getvalue(),
+            self.twistd_stderr(["--metrics", "tcp:0", "-f", STAMP]),
             "twistd milter: metrics need the prometheus_client package, which is not installed:"
             " pip install 'txmilt[metrics]'\n",
         )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import signal
 import subprocess
 import venv
 from collections.abc import Iterator
@@ -103,12 +102,8 @@ def example_daemon(virtualenv: Path) -> Iterator[tuple[subprocess.Popen[bytes], 
     try:
         yield process, port
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        process.kill()
+        process.wait(10)
 
 
 def test_quick_start_needs_no_pythonpath(example_daemon: tuple[subprocess.Popen[bytes], int]) -> None:
