@@ -17,6 +17,7 @@ from txmilt.codec import encode
 from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
+    ALL_ACTIONS,
     ALL_PROTOCOL,
     Abort,
     Accept,
@@ -125,7 +126,7 @@ class Scripted(Milter):
 class Editor(Scripted):
     """A scripted filter allowed every change."""
 
-    actions = Action.all()
+    actions = ALL_ACTIONS
 
 
 class SpacedEditor(Editor):

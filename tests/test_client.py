@@ -20,6 +20,7 @@ from txmilt.codec import encode
 from txmilt.errors import ConfigurationError, LocalProtocolError, MilterUnavailableError, RemoteProtocolError
 from txmilt.messages import (
     ALL_ACTIONS,
+    ALL_PROTOCOL,
     Action,
     AddHeader,
     BodyChunk,
@@ -135,7 +136,7 @@ class NegotiationTests(SynchronousTestCase):
     def test_reply_asking_more_than_offered(self) -> None:
         """A reply asking for actions not offered is a protocol error that drops the connection."""
         h = Harness()
-        d = h.client.negotiate(Negotiate(6, Action.ADD_HEADERS, ProtocolFlag.all()))
+        d = h.client.negotiate(Negotiate(6, Action.ADD_HEADERS, ALL_PROTOCOL))
         h.client.dataReceived(encode(NegotiateReply(6, Action.CHANGE_BODY, ProtocolFlag.NONE)))
         self.failureResultOf(d, RemoteProtocolError)
         self.assertTrue(h.transport.disconnecting)
@@ -548,8 +549,8 @@ class ConnectTests(SynchronousTestCase):
         """connect_milter connects, negotiates, and fires with the ready client."""
         clock = Clock()
         endpoint = FakeEndpoint()
-        d = connect_milter(endpoint, clock, Negotiate(6, Action.ADD_HEADERS, ProtocolFlag.all()))
-        self.assertEqual(endpoint.transport.value(), encode(Negotiate(6, Action.ADD_HEADERS, ProtocolFlag.all())))
+        d = connect_milter(endpoint, clock, Negotiate(6, Action.ADD_HEADERS, ALL_PROTOCOL))
+        self.assertEqual(endpoint.transport.value(), encode(Negotiate(6, Action.ADD_HEADERS, ALL_PROTOCOL)))
         self.assertNoResult(d)
         assert endpoint.protocol is not None
         endpoint.protocol.dataReceived(encode(NegotiateReply(6, Action.ADD_HEADERS)))

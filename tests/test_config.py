@@ -15,6 +15,7 @@ from examples.disclaimer import Disclaimer
 from examples.header_stamp import HeaderStamp
 from examples.quarantine_sender import QuarantineSender
 from examples.word_rejecter import WordRejecter
+from tests.test_tap import without_prometheus_client
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.config import (
     DEFAULT_LISTEN,
@@ -410,6 +411,31 @@ class ConfigErrorTests(ConfigTestCase):
     def test_limits_are_whole_numbers(self) -> None:
         """Byte and count limits take integers."""
         self.assert_refused("[daemon]\nmax_headers = 1.5\n" + STAMP, "max_headers = 1.5 has the wrong type")
+
+    def test_range_errors_name_the_file(self) -> None:
+        """A [daemon] value out of range is refused naming the file and the key."""
+        self.assert_refused(
+            "[daemon]\ndrain_timeout = -1\n" + STAMP, "config [daemon]: drain_timeout must not be negative"
+        )
+        self.assert_refused("[daemon]\nmax_connections = 0\n" + STAMP, "config [daemon]: max_connections must be")
+
+    def test_remote_without_host(self) -> None:
+        """A remote address without a host is refused naming the filter and saying a host is needed."""
+        self.assert_refused(
+            '[[filter]]\nremote = "inet:8892"\n', "config [[filter]] #1: milter address 'inet:8892' names no host"
+        )
+
+    def test_remote_relative_socket(self) -> None:
+        """A remote unix socket must be given by its absolute path."""
+        self.assert_refused('[[filter]]\nremote = "unix:milter.sock"\n', "#1: milter address", "must be absolute")
+
+    def test_metrics_without_prometheus_client(self) -> None:
+        """metrics = ... without prometheus_client installed says what to install."""
+        without_prometheus_client(self)
+        message = self.assert_refused(
+            '[daemon]\nmetrics = "inet:9108@127.0.0.1"\n' + STAMP, "pip install 'txmilt[metrics]'"
+        )
+        self.assertNotIn("\n", message)
 
     def test_world_writable_socket(self) -> None:
         """A unix socket mode that lets every user connect is refused."""

@@ -110,8 +110,21 @@ class ToStrportsTests(SynchronousTestCase):
         self.assert_refused("inet:smtp@127.0.0.1", "expected inet:PORT@HOST or inet:HOST:PORT")
 
     def test_inet6_host_colon_port(self) -> None:
-        """inet6 needs the PORT@HOST form."""
-        self.assert_refused("inet6:host:8891", "expected inet6:PORT@HOST")
+        """inet6:[ADDRESS]:PORT (Postfix's order) listens on that interface."""
+        self.assert_converts("inet6:[::1]:8891", "tcp6:8891:interface=\\:\\:1")
+
+    def test_inet_ipv6_host_colon_port(self) -> None:
+        """inet:[ADDRESS]:PORT with an IPv6 address listens on it too."""
+        self.assert_converts("inet:[::1]:8891", "tcp:8891:interface=\\:\\:1")
+
+    def test_unbracketed_ipv6_before_port(self) -> None:
+        """An IPv6 address before a port needs brackets."""
+        self.assert_refused("inet6:::1:8891", "put an IPv6 address in brackets")
+
+    def test_unix_path_with_colon(self) -> None:
+        """A colon in a socket path is escaped, so it stays part of the path."""
+        self.assert_converts("unix:/run/a:b.sock", "unix:/run/a\\:b.sock:mode=660")
+        self.assertEqual(unix_socket_path(to_strports("unix:/run/a:b.sock")), "/run/a:b.sock")
 
     def test_unknown_kind(self) -> None:
         """An unknown kind is refused, naming the kinds that work."""

@@ -11,6 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from txmilt.merge import merge_changes, merge_requirements, merge_verdicts
 from txmilt.messages import (
+    ALL_ACTIONS,
     MAX_BODY_CHUNK,
     Accept,
     Action,
@@ -235,7 +236,7 @@ class MergeRequirementsTests(SynchronousTestCase):
 
 
 def recorder() -> Changes:
-    return Changes(Action.all())
+    return Changes(ALL_ACTIONS)
 
 
 def mods(*edits: Modification) -> list[Modification]:

@@ -13,6 +13,7 @@ from zope.interface.verify import verifyClass, verifyObject
 from txmilt.errors import LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
+    ALL_ACTIONS,
     Action,
     AddHeader,
     AddRecipient,
@@ -197,7 +198,7 @@ class OverridesTests(SynchronousTestCase):
 
 
 def everything() -> Changes:
-    return Changes(Action.all())
+    return Changes(ALL_ACTIONS)
 
 
 class ChangesActionTests(SynchronousTestCase):
@@ -223,7 +224,7 @@ class ChangesActionTests(SynchronousTestCase):
 
     def test_other_actions_do_not_help(self) -> None:
         """Declaring a different action does not allow a change."""
-        changes = Changes(Action.all() & ~Action.CHANGE_HEADERS)
+        changes = Changes(ALL_ACTIONS & ~Action.CHANGE_HEADERS)
         self.assertRaises(LocalProtocolError, changes.change_header, "X-A", "1")
 
     def test_plain_recipient_needs_plain_action(self) -> None:
@@ -361,7 +362,7 @@ class ChangesValidationTests(SynchronousTestCase):
 
     def test_added_leading_space(self) -> None:
         """With add_space, values get the space the MTA no longer adds; deletions stay empty."""
-        changes = Changes(Action.all(), add_space=True)
+        changes = Changes(ALL_ACTIONS, add_space=True)
         changes.add_header("X-A", "1")
         changes.insert_header(0, "X-B", "2")
         changes.change_header("X-C", "3")

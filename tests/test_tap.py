@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import grp
+import inspect
 import io
 import os
 import shutil
 import socket
 import sys
 import tempfile
+from typing import ClassVar
 
 from twisted.application.app import ServerOptions
 from twisted.application.internet import StreamServerEndpointService
@@ -24,13 +26,14 @@ from examples.header_stamp import HeaderStamp
 from examples.word_rejecter import WordRejecter
 from tests.test_protocol import LogCapture
 from txmilt.codec import encode
-from txmilt.config import DEFAULT_LISTEN, DaemonConfig
+from txmilt.config import DEFAULT_LISTEN, SETTINGS, DaemonConfig
 from txmilt.errors import ConfigurationError
 from txmilt.messages import Accept, Continue, Negotiate, Reject, TempFail
-from txmilt.protocol import MilterFactory, MilterProtocol
+from txmilt.protocol import MilterFactory, MilterProtocol, VerifiedFilters
 from txmilt.tap import DrainService, Options, UnixSocketService, makeService
 
 STAMP = "examples.header_stamp:HeaderStamp"
+COUNTED = "tests.test_tap:CountedStamp"
 WORDS = "examples.word_rejecter:WordRejecter"
 CONFIG = """
 [daemon]
@@ -54,6 +57,26 @@ class = "examples.header_stamp:HeaderStamp"
 timeout = 2
 fallback = "reject"
 """
+
+
+class CountedStamp(HeaderStamp):
+    """HeaderStamp that counts its instances."""
+
+    made: ClassVar[int] = 0
+
+    def __init__(self, header: str = "X-Filtered-By", name: str = "txmilt") -> None:
+        CountedStamp.made += 1
+        super().__init__(header, name)
+
+
+def without_prometheus_client(case: SynchronousTestCase) -> None:
+    """Make ``import prometheus_client`` fail for the rest of ``case``, as if it were not installed."""
+    saved = sys.modules.get("prometheus_client")
+    sys.modules["prometheus_client"] = None  # type: ignore[assignment]
+    if saved is None:
+        case.addCleanup(sys.modules.pop, "prometheus_client")
+    else:
+        case.addCleanup(sys.modules.__setitem__, "prometheus_client", saved)
 
 
 class TempDirMixin(SynchronousTestCase):
@@ -334,6 +357,92 @@ class OptionErrorTests(TempDirMixin):
         self.assertEqual(exit.code, 1)
         self.assertTrue(stderr.getvalue().startswith("twistd milter: filter 'nosuch.module:Filter': cannot import"))
         self.assertEqual(stdout.getvalue(), "")
+
+    def twistd_stderr(self, arguments: list[str]) -> str:
+        """What ``twistd milter ARGUMENTS`` writes on stderr before exiting with status 1."""
+        stderr = io.StringIO()
+        self.patch(sys, "stderr", stderr)
+        self.patch(sys, "stdout", io.StringIO())
+        options = Options()
+        options.parent = ServerOptions()
+        self.assertEqual(self.assertRaises(SystemExit, options.parseOptions, arguments).code, 1)
+        return stderr.getvalue()
+
+    def test_under_twistd_option_mistake(self) -> None:
+        """Under twistd, a mistake in the option syntax adds one line pointing at --help."""
+        self.assertEqual(
+            self.twistd_stderr(["--frame-limit", "big", "-f", STAMP]),
+            "twistd milter: Parameter type enforcement failed: --frame-limit takes a whole number, not 'big'\n"
+            "(twistd milter --help lists the options)\n",
+        )
+
+    def test_metrics_without_prometheus_client(self) -> None:
+        """--metrics without prometheus_client is one line on stderr saying what to install."""
+        without_prometheus_client(self)
+        self.assertEqual(
+            self.twistd_stderr(["--metrics", "tcp:0", "-f", STAMP]),
+            "twistd milter: metrics need the prometheus_client package, which is not installed:"
+            " pip install 'txmilt[metrics]'\n",
+        )
+
+    def test_no_metrics_without_prometheus_client(self) -> None:
+        """Without --metrics, prometheus_client is not needed."""
+        without_prometheus_client(self)
+        self.assertIsNone(parsed("--filter", STAMP).metrics)
+
+
+class SettingsTests(SynchronousTestCase):
+    """The options come from DaemonConfig's settings, and so does what makeService gives MilterFactory."""
+
+    def test_every_setting_is_an_option(self) -> None:
+        """Each setting is an option whose help shows the field's default where it has one."""
+        text = str(Options())
+        for setting in SETTINGS:
+            self.assertIn(f"--{setting.option}=", text)
+        helps = {setting.name: setting.help for setting in SETTINGS}
+        self.assertIn("(default 3600; 0: never)", helps["idle_timeout"])
+        self.assertIn("(default 25)", helps["default_timeout"])
+        self.assertIn("(default tempfail)", helps["default_fallback"])
+        self.assertIn("(default 1048576)", helps["frame_limit"])
+
+    def test_factory_keywords_have_the_same_defaults(self) -> None:
+        """Every setting MilterFactory takes is a keyword of it with the same default."""
+        parameters = inspect.signature(MilterFactory).parameters
+        keywords = DaemonConfig().factory_keywords()
+        self.assertEqual(
+            set(keywords),
+            {"frame_limit", "idle_timeout", "negotiation_timeout", "max_connections", "progress_interval",
+             "max_headers", "max_header_bytes", "max_body_size", "body_spool_threshold"},
+        )
+        for name, default in keywords.items():
+            self.assertEqual(parameters[name].default, default, name)
+
+
+class VerifyOnceTests(TempDirMixin):
+    """Starting the daemon makes each configured filter once to check it, not more."""
+
+    def test_each_filter_made_once(self) -> None:
+        """From the options and config file to the MilterFactory, each filter's factory is called once."""
+        self.patch(CountedStamp, "made", 0)
+        path = self.write("milter.toml", f'[[filter]]\nclass = "{COUNTED}"\n')
+        options = Options()
+        options.parseOptions(["-c", path, "--filter", COUNTED, "--listen", "tcp:0:interface=127.0.0.1"])
+        top = makeService(options)
+        self.assertEqual(CountedStamp.made, 2)
+        assert isinstance(top, MultiService) and options.config is not None
+        (listener,) = [child for child in top if isinstance(child, StreamServerEndpointService)]
+        assert isinstance(listener.factory, MilterFactory)
+        self.assertIs(listener.factory.filters, options.config.filters)
+
+    def test_factory_checks_unverified_filters(self) -> None:
+        """MilterFactory given plain filters makes each once to check it; given VerifiedFilters, none."""
+        self.patch(CountedStamp, "made", 0)
+        MilterFactory([CountedStamp], Clock())
+        self.assertEqual(CountedStamp.made, 1)
+        verified = VerifiedFilters.verify([CountedStamp])
+        self.assertEqual(CountedStamp.made, 2)
+        self.assertIs(MilterFactory(verified, Clock()).filters, verified)
+        self.assertEqual(CountedStamp.made, 2)
 
 
 class MakeServiceTests(TempDirMixin):

@@ -14,6 +14,7 @@ from txmilt.chain import FilterSpec
 from txmilt.errors import ConfigurationError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
+    ALL_ACTIONS,
     ALL_PROTOCOL,
     Abort,
     Accept,
@@ -131,7 +132,7 @@ class HeaderOnly(Milter):
 class Everything(RecordingMilter):
     """A recorder allowed every modification."""
 
-    actions = Action.all() & ~Action.SET_MACRO_LIST
+    actions = ALL_ACTIONS & ~Action.SET_MACRO_LIST
 
 
 def letters(commands: list[Command]) -> str:

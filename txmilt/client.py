@@ -13,7 +13,6 @@ answers with a Deferred, so the client reads naturally in ``async def`` code::
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from typing_extensions import override
 
+from txmilt.address import connect_address, split_kind
 from txmilt.codec import DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError, LocalProtocolError, MilterError, MilterUnavailableError, ProtocolError
 from txmilt.messages import (
@@ -379,39 +379,37 @@ _VERDICTS: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown,
 
 # ------------------------------------------------------------------ connecting
 
-_INET_AT = re.compile(r"(?P<port>\d+)@(?P<host>.+)")
-_INET_COLON = re.compile(r"(?P<host>\[[^\]]+\]|[^:]+):(?P<port>\d+)")
-
-
 def milter_endpoint(address: str, reactor: Any, timeout: float = DEFAULT_TIMEOUT) -> IStreamClientEndpoint:
     """The client endpoint for a milter address: libmilter/Postfix style or a Twisted description.
 
-    ``inet:PORT@HOST``, ``inet:HOST:PORT``, ``inet6:PORT@HOST`` (the host may
-    be in brackets), ``unix:/path`` and ``local:/path`` are accepted besides
-    Twisted's client descriptions (``tcp:host=127.0.0.1:port=8891``,
-    ``unix:path=/run/milter.sock``, ``tls:...``). ``timeout`` bounds connecting
-    for the libmilter forms.
+    The grammar of txmilt.address (``inet:PORT@HOST``, ``inet:HOST:PORT``,
+    ``inet6:[ADDRESS]:PORT``, ``unix:/path``, ``local:/path``; a host is
+    required) is accepted besides Twisted's client descriptions
+    (``tcp:host=127.0.0.1:port=8891``, ``unix:path=/run/milter.sock``,
+    ``tls:...``). ``timeout`` bounds connecting for the libmilter forms.
     """
-    kind, sep, rest = address.partition(":")
-    kind = kind.lower()
-    if not sep or not rest:
-        raise ConfigurationError(f"milter address {address!r} is not understood; use e.g. inet:8891@127.0.0.1")
-    if kind in ("inet", "inet6"):
-        match = _INET_AT.fullmatch(rest) or _INET_COLON.fullmatch(rest)
-        if match is None:
-            raise ConfigurationError(f"milter address {address!r}: expected {kind}:PORT@HOST or {kind}:HOST:PORT")
-        host, port = match["host"], int(match["port"])
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if not 0 < port < 65536 or not host:
-            raise ConfigurationError(f"milter address {address!r}: needs a host and a port from 1 to 65535")
-        return HostnameEndpoint(reactor, host, port, timeout=timeout)
-    if kind == "local" or (kind == "unix" and "=" not in rest):
-        return UNIXClientEndpoint(reactor, rest, timeout=timeout)
+    parsed = connect_address(address)
+    if parsed is None:
+        return _described_endpoint(address, reactor)
+    if parsed.kind == "unix":
+        return UNIXClientEndpoint(reactor, parsed.path, timeout=timeout)
+    assert parsed.host is not None  # connect_address refuses inet addresses without a host
+    return HostnameEndpoint(reactor, parsed.host, parsed.port, timeout=timeout)
+
+
+def check_milter_address(address: str) -> None:
+    """ConfigurationError unless ``address`` names a milter endpoint; nothing is resolved or connected."""
+    if connect_address(address) is None:
+        _described_endpoint(address, None)
+
+
+def _described_endpoint(description: str, reactor: Any) -> IStreamClientEndpoint:
+    """The endpoint for a Twisted client description, with ``local:`` read as ``unix:``."""
+    kind, rest = split_kind(description, "milter address")
     try:
-        return cast(IStreamClientEndpoint, clientFromString(reactor, address))
+        return cast(IStreamClientEndpoint, clientFromString(reactor, f"{kind}:{rest}"))
     except Exception as e:  # parsers raise anything from ValueError to NameError (no pyOpenSSL)
-        raise ConfigurationError(f"milter address {address!r} is not understood: {e!r}") from None
+        raise ConfigurationError(f"milter address {description!r} is not understood: {e!r}") from None
 
 
 def connect_milter(

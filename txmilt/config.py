@@ -1,4 +1,10 @@
-"""The daemon's configuration: a TOML file and command-line values, checked before anything listens."""
+"""The daemon's configuration: a TOML file and command-line values, checked before anything listens.
+
+Every daemon setting is one DaemonConfig field, declared once with its default,
+its ``[daemon]`` key, its ``twistd milter`` option and help text, and whether
+it is a MilterFactory keyword. parse_config, the options of tap.py and
+makeService read them from ``SETTINGS``; none writes a default of its own.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,23 @@ import functools
 import importlib
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
-from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec, verify_filters
+from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
-from txmilt.listen import check_strports, to_strports
+from txmilt.listen import DEFAULT_SOCKET_MODE, check_strports, to_strports
 from txmilt.messages import Accept, Continue, Reject, TempFail
 from txmilt.milter import FilterVerdict
-from txmilt.protocol import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_NEGOTIATION_TIMEOUT
+from txmilt.protocol import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_NEGOTIATION_TIMEOUT,
+    DEFAULT_PROGRESS_INTERVAL,
+    VerifiedFilters,
+)
 from txmilt.session import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 #: Where the daemon listens when nothing else is said.
@@ -29,46 +41,182 @@ FALLBACKS: Mapping[str, Callable[[], FilterVerdict]] = {
     "reject": Reject,
 }
 
+#: How a setting is written: a whole number, seconds, text, a listen address, a fallback name.
+SettingKind: TypeAlias = Literal["count", "seconds", "text", "address", "fallback"]
+#: Raises ConfigurationError, naming the setting by its label, for a value out of range.
+RangeCheck: TypeAlias = Callable[[str, Any], None]
+
+_TOML_TYPES: Final[Mapping[SettingKind, tuple[type, ...]]] = {
+    "count": (int,), "seconds": (int, float), "text": (str,), "address": (str,), "fallback": (str,),
+}
+
+
+def _not_negative(label: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigurationError(f"{label} must not be negative, not {value!r}")
+
+
+def _positive(label: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigurationError(f"{label} must be positive, not {value!r}")
+
+
+def _at_least_one(label: str, value: int) -> None:
+    if value < 1:
+        raise ConfigurationError(f"{label} must be at least 1")
+
+
+def _frame_limit(label: str, value: int) -> None:
+    if not 0 < value <= ABSOLUTE_FRAME_LIMIT:
+        raise ConfigurationError(f"{label} {value} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What a DaemonConfig field's metadata says about it."""
+
+    kind: SettingKind
+    help: str
+    key: str
+    check: RangeCheck | None
+    factory: bool
+
+
+def _setting(
+    default: Any, kind: SettingKind, help: str, *, key: str = "", check: RangeCheck | None = None,
+    factory: bool = False,
+) -> Any:
+    """A DaemonConfig field: ``help`` may say ``{default}``; ``key`` is the [daemon] key if not the field's name."""
+    return field(default=default, metadata={"setting": _Declared(kind, help, key, check, factory)})
+
 
 @dataclass(frozen=True)
 class DaemonConfig:
-    """Everything ``twistd milter`` needs to run."""
+    """Everything ``twistd milter`` needs to run; each setting's default is written here only."""
 
     listen: tuple[str, ...] = ()
     filters: tuple[FilterSpec, ...] = ()
-    metrics: str | None = None
-    frame_limit: int = DEFAULT_FRAME_LIMIT
-    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
-    negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    max_headers: int = DEFAULT_MAX_HEADERS
-    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
-    max_body_size: int = DEFAULT_MAX_BODY_SIZE
-    body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD
-    drain_timeout: float = 30.0
-    progress_interval: float = 10.0
-    socket_group: str | None = None
-    default_timeout: float = 25.0
-    default_fallback: str = "tempfail"
+    metrics: str | None = _setting(
+        None, "address",
+        "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1); needs pip install 'txmilt[metrics]'.",
+    )
+    frame_limit: int = _setting(
+        DEFAULT_FRAME_LIMIT, "count",
+        "Largest packet payload accepted, in bytes; a larger packet closes its connection (default {default}).",
+        check=_frame_limit, factory=True,
+    )
+    idle_timeout: float = _setting(
+        DEFAULT_IDLE_TIMEOUT, "seconds", "Close a connection silent this many seconds (default {default}; 0: never).",
+        check=_not_negative, factory=True,
+    )
+    negotiation_timeout: float = _setting(
+        DEFAULT_NEGOTIATION_TIMEOUT, "seconds",
+        "Close a connection that has not negotiated this many seconds after connecting (default {default}; 0: the"
+        " idle timeout applies instead).",
+        check=_not_negative, factory=True,
+    )
+    max_connections: int = _setting(
+        DEFAULT_MAX_CONNECTIONS, "count", "Refuse (close at once) connections beyond this many (default {default}).",
+        check=_at_least_one, factory=True,
+    )
+    max_headers: int = _setting(
+        DEFAULT_MAX_HEADERS, "count",
+        "Most headers per message; the message beyond it is answered 452 4.3.1 (default {default}; 0: no limit).",
+        check=_not_negative, factory=True,
+    )
+    max_header_bytes: int = _setting(
+        DEFAULT_MAX_HEADER_BYTES, "count",
+        "Most header bytes per message; the message beyond it is answered 452 4.3.1 (default {default};"
+        " 0: no limit).",
+        check=_not_negative, factory=True,
+    )
+    max_body_size: int = _setting(
+        DEFAULT_MAX_BODY_SIZE, "count",
+        "Largest body a whole_body filter may buffer; beyond it the filter gets its fallback (default {default};"
+        " 0: no limit).",
+        check=_not_negative, factory=True,
+    )
+    body_spool_threshold: int = _setting(
+        DEFAULT_BODY_SPOOL_THRESHOLD, "count",
+        "Bytes of a buffered body kept in memory before spooling to a temporary file in $TMPDIR (default"
+        " {default}; 0: always spool).",
+        check=_not_negative, factory=True,
+    )
+    drain_timeout: float = _setting(
+        30.0, "seconds", "On SIGTERM, wait this long for open connections (default {default}).", check=_not_negative,
+    )
+    progress_interval: float = _setting(
+        DEFAULT_PROGRESS_INTERVAL, "seconds",
+        "Seconds between keep-alives at a slow end of message (default {default}).", check=_positive, factory=True,
+    )
+    socket_group: str | None = _setting(
+        None, "text",
+        f"Group owning unix sockets (their mode comes from the description: default {DEFAULT_SOCKET_MODE};"
+        " world-writable modes are refused).",
+    )
+    default_timeout: float = _setting(
+        FilterSpec.timeout, "seconds",
+        "Default per-filter deadline for each callback, in seconds; past it the filter gets its fallback"
+        " (default {default}).",
+        key="timeout", check=_positive,
+    )
+    default_fallback: str = _setting(
+        "tempfail", "fallback", f"Default verdict for a failing filter: {', '.join(FALLBACKS)} (default {{default}}).",
+        key="fallback",
+    )
+
+    def factory_keywords(self) -> dict[str, Any]:
+        """The MilterFactory keywords this configuration sets."""
+        return {setting.name: getattr(self, setting.name) for setting in SETTINGS if setting.factory}
 
 
-_DAEMON_KEYS = {
-    "listen": (list, str),
-    "metrics": str,
-    "frame_limit": int,
-    "idle_timeout": (int, float),
-    "negotiation_timeout": (int, float),
-    "max_connections": int,
-    "max_headers": int,
-    "max_header_bytes": int,
-    "max_body_size": int,
-    "body_spool_threshold": int,
-    "drain_timeout": (int, float),
-    "progress_interval": (int, float),
-    "socket_group": str,
-    "timeout": (int, float),
-    "fallback": str,
-}
+class Setting(NamedTuple):
+    """One daemon setting: a DaemonConfig field, its [daemon] key, its option, its help and default."""
+
+    name: str
+    key: str
+    option: str
+    kind: SettingKind
+    help: str
+    default: Any
+    check: RangeCheck | None
+    factory: bool
+
+    def value(self, raw: Any) -> Any:
+        """The field value for a [daemon] or command-line value (seconds as float, addresses as strports)."""
+        if self.kind == "seconds":
+            return float(raw)
+        if self.kind == "address":
+            return to_strports(raw)
+        return raw
+
+    def check_value(self, value: Any, label: str, where: str = "") -> None:
+        """ConfigurationError, naming ``label`` (after ``where``), unless ``value`` is in range."""
+        if self.kind == "fallback":
+            fallback_verdict(value, where or label)
+        elif self.check is not None:
+            self.check(f"{where}: {label}" if where else label, value)
+
+
+def _shown(default: Any) -> str:
+    return f"{default:g}" if isinstance(default, float) else str(default)
+
+
+def _settings() -> tuple[Setting, ...]:
+    found = []
+    for item in fields(DaemonConfig):
+        declared = item.metadata.get("setting")
+        if isinstance(declared, _Declared):
+            key = declared.key or item.name
+            found.append(Setting(
+                item.name, key, key.replace("_", "-"), declared.kind,
+                declared.help.format(default=_shown(item.default)), item.default, declared.check, declared.factory,
+            ))
+    return tuple(found)
+
+
+#: Every setting of DaemonConfig, in field order.
+SETTINGS: Final = _settings()
 _FILTER_KEYS = {
     "class": str,
     "remote": str,
@@ -134,16 +282,18 @@ def filter_spec(
         )
     options = table.get("options", {})
     timeout = float(table.get("timeout", default_timeout))
-    if not timeout > 0:
-        raise ConfigurationError(f"{where}: timeout must be positive, not {timeout!r}")
+    _positive(f"{where}: timeout", timeout)
     fallback = fallback_verdict(table.get("fallback", default_fallback), where)
     if "remote" in table:
         from txmilt.remote import remote_filter
 
-        return remote_filter(
-            table["remote"], name=table.get("name", table["remote"]), timeout=timeout, fallback=fallback,
-            dry_run=table.get("dry_run", False), **options,
-        )
+        try:
+            return remote_filter(
+                table["remote"], name=table.get("name", table["remote"]), timeout=timeout, fallback=fallback,
+                dry_run=table.get("dry_run", False), **options,
+            )
+        except ConfigurationError as e:
+            raise ConfigurationError(f"{where}: {e}") from None
     cls = load_factory(table["class"])
     factory: Callable[[], IMilter] = functools.partial(cls, **options) if options else cls
     return FilterSpec(
@@ -177,21 +327,27 @@ def parse_config(
     default_timeout: float | None = None,
     default_fallback: str | None = None,
 ) -> DaemonConfig:
-    """The configuration a parsed TOML document describes (it may name no filters; see check_config)."""
+    """The configuration a parsed TOML document describes; ConfigurationError names the key at fault.
+
+    It may name no filters, and they are not yet tried (see check_config).
+    """
     unknown = set(data) - {"daemon", "filter"}
     if unknown:
         raise ConfigurationError(f"{where}: unknown table {sorted(unknown)[0]!r}; use [daemon] and [[filter]]")
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigurationError(f"{where}: [daemon] must be a table")
-    _check_keys(daemon, _DAEMON_KEYS, f"{where} [daemon]")
-    if default_timeout is None:
-        default_timeout = float(daemon.get("timeout", 25.0))
-        if not default_timeout > 0:
-            raise ConfigurationError(f"{where} [daemon]: timeout must be positive, not {default_timeout!r}")
-    if default_fallback is None:
-        default_fallback = daemon.get("fallback", "tempfail")
-        fallback_verdict(default_fallback, f"{where} [daemon]")
+    _check_keys(daemon, {"listen": (list, str), **{s.key: _TOML_TYPES[s.kind] for s in SETTINGS}}, f"{where} [daemon]")
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        if setting.key in daemon:
+            values[setting.name] = value = setting.value(daemon[setting.key])
+            setting.check_value(value, setting.key, f"{where} [daemon]")
+    if default_timeout is not None:
+        values["default_timeout"] = default_timeout
+    if default_fallback is not None:
+        values["default_fallback"] = default_fallback
+    config = DaemonConfig(**values)
     tables = data.get("filter", [])
     if not isinstance(tables, list) or not all(isinstance(table, dict) for table in tables):
         raise ConfigurationError(f"{where}: filters are [[filter]] tables")
@@ -200,56 +356,40 @@ def parse_config(
         listen = [listen]
     if not all(isinstance(spec, str) for spec in listen):
         raise ConfigurationError(f"{where} [daemon]: listen = {listen!r} must be a list of strings")
-    metrics = daemon.get("metrics")
     filters = tuple(
-        filter_spec(table, f"{where} [[filter]] #{number}", default_timeout, default_fallback)
+        filter_spec(table, f"{where} [[filter]] #{number}", config.default_timeout, config.default_fallback)
         for number, table in enumerate(tables, 1)
     )
-    config = DaemonConfig(
-        listen=tuple(to_strports(spec) for spec in listen),
-        filters=filters,
-        metrics=to_strports(metrics) if metrics else None,
-        frame_limit=daemon.get("frame_limit", DEFAULT_FRAME_LIMIT),
-        idle_timeout=float(daemon.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)),
-        negotiation_timeout=float(daemon.get("negotiation_timeout", DEFAULT_NEGOTIATION_TIMEOUT)),
-        max_connections=daemon.get("max_connections", DEFAULT_MAX_CONNECTIONS),
-        max_headers=daemon.get("max_headers", DEFAULT_MAX_HEADERS),
-        max_header_bytes=daemon.get("max_header_bytes", DEFAULT_MAX_HEADER_BYTES),
-        max_body_size=daemon.get("max_body_size", DEFAULT_MAX_BODY_SIZE),
-        body_spool_threshold=daemon.get("body_spool_threshold", DEFAULT_BODY_SPOOL_THRESHOLD),
-        drain_timeout=float(daemon.get("drain_timeout", 30.0)),
-        progress_interval=float(daemon.get("progress_interval", 10.0)),
-        socket_group=daemon.get("socket_group"),
-        default_timeout=default_timeout,
-        default_fallback=default_fallback,
-    )
-    return check_config(config, require_filters=False)
+    return replace(config, listen=tuple(to_strports(spec) for spec in listen) or (DEFAULT_LISTEN,), filters=filters)
 
 
 def check_config(config: DaemonConfig, *, require_filters: bool = True) -> DaemonConfig:
     """The config with defaults filled in; ConfigurationError for values out of range.
 
-    Every filter is created once, and every listen description parsed, so that
-    mistakes show before anything listens.
+    Every filter is created once (its specs come back as VerifiedFilters, which
+    neither this nor MilterFactory tries again), and every listen description
+    parsed, so that mistakes show before anything listens.
     """
-    if not 0 < config.frame_limit <= ABSOLUTE_FRAME_LIMIT:
-        raise ConfigurationError(f"frame_limit {config.frame_limit} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-    for name in (
-        "idle_timeout", "negotiation_timeout", "drain_timeout",
-        "max_headers", "max_header_bytes", "max_body_size", "body_spool_threshold",
-    ):
-        if getattr(config, name) < 0:
-            raise ConfigurationError(f"{name} must not be negative, not {getattr(config, name)!r}")
-    for name in ("progress_interval", "default_timeout"):
-        if not getattr(config, name) > 0:
-            raise ConfigurationError(f"{name} must be positive, not {getattr(config, name)!r}")
-    if config.max_connections < 1:
-        raise ConfigurationError("max_connections must be at least 1")
-    fallback_verdict(config.default_fallback, "default_fallback")
+    for setting in SETTINGS:
+        setting.check_value(getattr(config, setting.name), setting.name)
     if require_filters and not config.filters:
         raise ConfigurationError("no filters configured; give --filter module:Class or [[filter]] in the config file")
-    verify_filters(config.filters)
+    filters = config.filters
+    if not isinstance(filters, VerifiedFilters):
+        filters = VerifiedFilters.verify(filters)
     listen = config.listen or (DEFAULT_LISTEN,)
     for description in (*listen, *([config.metrics] if config.metrics else [])):
         check_strports(description)
-    return replace(config, listen=listen)
+    if config.metrics:
+        _require_metrics()
+    return replace(config, listen=listen, filters=filters)
+
+
+def _require_metrics() -> None:
+    """ConfigurationError, in one line saying what to install, if prometheus_client cannot be imported."""
+    try:
+        import prometheus_client  # noqa: F401
+    except ImportError:
+        raise ConfigurationError(
+            "metrics need the prometheus_client package, which is not installed: pip install 'txmilt[metrics]'"
+        ) from None

@@ -1,4 +1,4 @@
-"""Listen addresses: libmilter/Postfix socket specs as Twisted strports, and unix socket hygiene."""
+"""Listen addresses: the libmilter/Postfix grammar as Twisted strports, and unix socket hygiene."""
 
 from __future__ import annotations
 
@@ -8,63 +8,37 @@ import re
 import socket
 import stat
 
+from txmilt.address import MilterAddress, parse_address, split_kind
 from txmilt.errors import ConfigurationError
 
 #: Mode given to unix sockets whose description sets none (never world-writable).
 DEFAULT_SOCKET_MODE = "660"
 
-_INET_AT = re.compile(r"(?P<port>\d+)(?:@(?P<host>.+))?")
-_INET_COLON = re.compile(r"(?P<host>[^:]+):(?P<port>\d+)")
 _STRPORTS_KINDS = ("tcp", "tcp6", "unix", "systemd", "ssl", "tls")
+_UNESCAPE = re.compile(r"\\(.)")
 
 
 def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:").replace("=", "\\=")
 
 
-def _port(text: str, spec: str) -> int:
-    port = int(text)
-    if not 0 < port < 65536:
-        raise ConfigurationError(f"listen address {spec!r}: port {port} is out of range")
-    return port
-
-
 def to_strports(spec: str) -> str:
-    """A Twisted strports description for ``spec``, which may also be a libmilter-style address.
+    """A Twisted strports description for ``spec``, which may also be a libmilter/Postfix address.
 
-    ``inet:8891@127.0.0.1``, ``inet:127.0.0.1:8891``, ``inet6:8891@[::1]``,
-    ``local:/path`` and ``unix:/path`` are accepted besides strports
-    (``tcp:8891:interface=127.0.0.1``, ``unix:/path:mode=660``, ``systemd:...``).
-    Unix sockets get mode 660 unless the description sets one; a mode that lets
-    every local user write (connect) is refused.
+    The grammar of txmilt.address (``inet:8891@127.0.0.1``, ``inet:127.0.0.1:8891``,
+    ``inet6:[::1]:8891``, ``inet:8891`` for every interface, ``unix:/path``,
+    ``local:/path``) is accepted besides strports (``tcp:8891:interface=127.0.0.1``,
+    ``unix:/path:mode=660``, ``systemd:...``). Unix sockets get mode 660 unless
+    the description sets one; a mode that lets every local user write (connect)
+    is refused.
     """
-    kind, sep, rest = spec.partition(":")
-    kind = kind.lower()
-    if not sep or not rest:
-        raise ConfigurationError(
-            f"listen address {spec!r} is not understood; use e.g. tcp:8891:interface=127.0.0.1,"
-            " inet:8891@127.0.0.1 or unix:/run/txmilt/txmilt.sock"
-        )
-    if kind in ("inet", "inet6"):
-        family = "tcp6" if kind == "inet6" else "tcp"
-        match = _INET_AT.fullmatch(rest)
-        if match is not None:
-            host = match["host"]
-            port = _port(match["port"], spec)
-        elif (match := _INET_COLON.fullmatch(rest)) is not None and kind == "inet":
-            host, port = match["host"], _port(match["port"], spec)
-        else:
-            raise ConfigurationError(f"listen address {spec!r}: expected {kind}:PORT@HOST or inet:HOST:PORT")
-        if host and host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if family == "tcp6" and not host:
-            host = "::"
-        interface = f":interface={_escape(host)}" if host else ""
-        return f"{family}:{port}{interface}"
-    if kind in ("local", "unix"):
+    address = parse_address(spec, "listen address")
+    if address is not None:
+        return _address_strports(address)
+    kind, rest = split_kind(spec, "listen address")
+    if kind == "unix":
         description = f"unix:{rest}"
-        path = _unix_path(description)
-        if not os.path.isabs(path):
+        if not os.path.isabs(_unix_path(description)):
             raise ConfigurationError(f"listen address {spec!r}: the socket path must be absolute")
         if not re.search(r"(?<!\\):mode=", rest):
             description += f":mode={DEFAULT_SOCKET_MODE}"
@@ -77,6 +51,17 @@ def to_strports(spec: str) -> str:
     )
 
 
+def _address_strports(address: MilterAddress) -> str:
+    """The strports description that listens on ``address``."""
+    if address.kind == "unix":
+        return f"unix:{_escape(address.path)}:mode={DEFAULT_SOCKET_MODE}"
+    host = address.host
+    if address.kind == "inet6" and host is None:
+        host = "::"
+    interface = f":interface={_escape(host)}" if host is not None else ""
+    return f"{'tcp6' if address.kind == 'inet6' else 'tcp'}:{address.port}{interface}"
+
+
 def _unix_path(description: str) -> str:
     """The path of a ``unix:`` strports description (before any option)."""
     body = description[len("unix:"):]
@@ -84,7 +69,7 @@ def _unix_path(description: str) -> str:
     path = parts[0]
     if path.startswith("address="):
         path = path[len("address="):]
-    return path.replace("\\:", ":").replace("\\\\", "\\")
+    return _UNESCAPE.sub(r"\1", path)
 
 
 def socket_mode(description: str) -> int | None:

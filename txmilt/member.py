@@ -152,8 +152,11 @@ class Lineup:
     """The configured filters in chain order, with what each declares, worked out once per factory."""
 
     def __init__(self, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> None:
-        #: The specs, in chain order.
-        self.specs = tuple(as_spec(f) for f in filters)
+        #: The specs, in chain order (a tuple of specs is kept as it is).
+        self.specs: tuple[FilterSpec, ...] = (
+            filters if isinstance(filters, tuple) and all(isinstance(f, FilterSpec) for f in filters)
+            else tuple(as_spec(f) for f in filters)
+        )
         self._profiles: list[Profile | None] = [None] * len(self.specs)
         #: Scratch space for the chain's per-lineup caches (its negotiation replies).
         self.cache: dict[Any, Any] = {}

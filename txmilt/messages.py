@@ -35,11 +35,6 @@ class Action(enum.IntFlag):
     ADD_RECIPIENTS_WITH_ARGS = 0x080
     SET_MACRO_LIST = 0x100
 
-    @classmethod
-    def all(cls) -> Action:
-        """Every action of protocol version 6."""
-        return cls(0x1FF)
-
 
 class ProtocolFlag(enum.IntFlag):
     """Events switched off, replies suppressed and options (``SMFIP_*``)."""
@@ -70,11 +65,6 @@ class ProtocolFlag(enum.IntFlag):
     MDS_1M = 0x20000000
     RESERVED = 0x40000000
     TEST = 0x80000000
-
-    @classmethod
-    def all(cls) -> ProtocolFlag:
-        """Every protocol bit of version 6 that is not internal."""
-        return cls(0x1FFFFF)
 
 
 #: Everything a version 6 MTA offers (Sendmail and Postfix alike).

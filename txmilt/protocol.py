@@ -45,6 +45,19 @@ DEFAULT_IDLE_TIMEOUT = 3600.0
 DEFAULT_NEGOTIATION_TIMEOUT = 10.0
 #: Connections served at once before new ones are refused.
 DEFAULT_MAX_CONNECTIONS = 2000
+#: Seconds between keep-alives (SMFIR_PROGRESS) while a slow end of message is pending.
+DEFAULT_PROGRESS_INTERVAL = 10.0
+
+
+class VerifiedFilters(tuple[FilterSpec, ...]):
+    """Filter specs whose factories verify_filters has tried; MilterFactory takes them as they are."""
+
+    __slots__ = ()
+
+    @classmethod
+    def verify(cls, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> VerifiedFilters:
+        """Specs for ``filters``, each factory called once (ConfigurationError names a bad one)."""
+        return cls(Lineup.verified(filters).specs)
 
 
 def _has_server_hooks(observer: object) -> bool:
@@ -378,7 +391,7 @@ class MilterFactory(Factory):
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         negotiation_timeout: float = DEFAULT_NEGOTIATION_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
-        progress_interval: float = 10.0,
+        progress_interval: float = DEFAULT_PROGRESS_INTERVAL,
         observer: ChainObserver | None = None,
         max_headers: int = DEFAULT_MAX_HEADERS,
         max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
@@ -390,6 +403,10 @@ class MilterFactory(Factory):
 
         ``chain_order``: "concurrent" (each command to every filter at once) or
         "sequential" (one after another, exactly as ``smtpd_milters``).
+
+        Each filter's factory is called once now, to show configuration errors
+        early, unless ``filters`` are VerifiedFilters or a
+        Lineup (tried once already).
 
         ``frame_limit``: largest packet payload (larger: the connection is dropped).
         ``idle_timeout``: seconds of silence between commands before the connection is closed.
@@ -404,9 +421,15 @@ class MilterFactory(Factory):
             from twisted.internet import reactor
 
             clock = reactor
-        #: The filters, each made once here so configuration errors show before listening.
-        self.lineup = filters if isinstance(filters, Lineup) else Lineup.verified(filters)
-        self.filters = self.lineup.specs
+        if isinstance(filters, Lineup):
+            lineup = filters
+        elif isinstance(filters, VerifiedFilters):
+            lineup = Lineup(filters)
+        else:
+            lineup = Lineup.verified(filters)
+        #: The filters in chain order, with what each declares.
+        self.lineup = lineup
+        self.filters: tuple[FilterSpec, ...] = lineup.specs
         if chain_order not in CHAIN_ORDERS:
             raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
         self.chain_order = chain_order

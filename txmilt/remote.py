@@ -25,7 +25,6 @@ as the MTA towards it:
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, cast
 
@@ -36,7 +35,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from txmilt.chain import FilterSpec
-from txmilt.client import MilterClient, Reply, connect_milter, milter_endpoint
+from txmilt.client import MilterClient, Reply, check_milter_address, connect_milter, milter_endpoint
 from txmilt.codec import DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError, MilterUnavailableError
 from txmilt.interfaces import IMilter
@@ -147,7 +146,7 @@ class RemoteMilter:
         address: str | IStreamClientEndpoint,
         *,
         name: str = "",
-        timeout: float = 25.0,
+        timeout: float = FilterSpec.timeout,
         fallback: FilterVerdict | None = None,
         actions: Action | int | Sequence[str] | str = ALL_ACTIONS,
         macros: Mapping[Any, Sequence[str] | str] | None = None,
@@ -162,7 +161,7 @@ class RemoteMilter:
         self.name = name or f"remote {self.address}"
         self._address = address
         if isinstance(address, str):
-            _check_address(address)
+            check_milter_address(address)
         self._timeout = timeout
         self._fallback: FilterVerdict = fallback if fallback is not None else TempFail()
         #: Modifications the remote may make (SETSYMLIST is handled here, not by the MTA).
@@ -190,7 +189,7 @@ class RemoteMilter:
         address: str | IStreamClientEndpoint,
         *,
         name: str | None = None,
-        timeout: float = 25.0,
+        timeout: float = FilterSpec.timeout,
         fallback: FilterVerdict | None = None,
         dry_run: bool = False,
         **options: Any,
@@ -203,7 +202,7 @@ class RemoteMilter:
         """
         label = name or (address if isinstance(address, str) else repr(address))
         if isinstance(address, str):
-            _check_address(address)
+            check_milter_address(address)
         fallback = fallback if fallback is not None else TempFail()
         unknown = set(options) - _OPTIONS
         if unknown:
@@ -484,13 +483,6 @@ class RemoteMilter:
             self._connecting.cancel()
 
 
-def _check_address(address: str) -> None:
-    """Raise ConfigurationError unless ``address`` names a milter endpoint."""
-    with warnings.catch_warnings():  # endpoints only store the reactor; HostnameEndpoint warns about None
-        warnings.simplefilter("ignore", DeprecationWarning)
-        milter_endpoint(address, None)
-
-
 _OPTIONS: Final = frozenset(
     {"actions", "macros", "leading_space", "rejected_recipients", "offer", "frame_limit", "reactor"}
 )
@@ -500,7 +492,7 @@ def remote_filter(
     address: str | IStreamClientEndpoint,
     *,
     name: str | None = None,
-    timeout: float = 25.0,
+    timeout: float = FilterSpec.timeout,
     fallback: FilterVerdict | None = None,
     dry_run: bool = False,
     **options: Any,

@@ -108,8 +108,7 @@ class Notice:
     text: str
 
 
-Event = Command | Disconnected | Notice
-MilterEvent = Event
+MilterEvent = Command | Disconnected | Notice
 MTAEvent = Response | Disconnected
 
 #: Protocol names of the commands, for messages (PROTOCOL.md §2.1).
@@ -577,7 +576,7 @@ class MilterSession(_Session):
         super().__init__(frame_limit)
         self._macros: dict[str, Mapping[str, str]] = {}
         self._macro_view: MacroView | None = None
-        self._pending: list[Event] = []
+        self._pending: list[MilterEvent] = []
         self._damage_noticed = False
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
@@ -636,7 +635,7 @@ class MilterSession(_Session):
                 if not self._eof:
                     return NEED_DATA
                 truncated = self._frames.pending > 0
-                events: list[Event] = [Abort()] if self._message_open else []
+                events: list[MilterEvent] = [Abort()] if self._message_open else []
                 self._message_open = False
                 self.stage = Stage.CLOSED
                 self._pending.extend([*events, Disconnected(truncated)])
@@ -647,7 +646,7 @@ class MilterSession(_Session):
             self._awaiting = event
         return event
 
-    def _command(self, letter: str, payload: bytes) -> list[Event]:
+    def _command(self, letter: str, payload: bytes) -> list[MilterEvent]:
         stage = self.stage
         try:
             command = decode_command(letter, payload)

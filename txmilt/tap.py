@@ -21,7 +21,7 @@ from twisted.python import usage
 from twisted.web.server import Site
 from typing_extensions import override
 
-from txmilt.config import DaemonConfig, check_config, fallback_verdict, filter_spec, read_config
+from txmilt.config import DEFAULT_LISTEN, SETTINGS, DaemonConfig, Setting, check_config, filter_spec, read_config
 from txmilt.errors import ConfigurationError
 from txmilt.listen import remove_stale_socket, stale_socket, to_strports, unix_socket_path
 from txmilt.protocol import MilterFactory
@@ -56,6 +56,21 @@ def _seconds(option: str) -> Callable[[str], float]:
     return coerce
 
 
+class _ConfigurationUsageError(usage.UsageError):
+    """A value the options or config file give that cannot work (not a mistake in the option syntax)."""
+
+
+#: Settings checked before the config file is read: its filters are made with them.
+_FILTER_DEFAULTS = ("default_timeout", "default_fallback")
+_COERCERS: dict[str, Callable[[str], Callable[[str], Any]]] = {"count": _whole_number, "seconds": _seconds}
+
+
+def _option(setting: Setting) -> list[Any]:
+    """The optParameters row of a DaemonConfig setting: no default of its own, so unset means None."""
+    coercer = _COERCERS.get(setting.kind)
+    return [setting.option, None, None, setting.help, coercer(f"--{setting.option}") if coercer else None]
+
+
 class Options(usage.Options):
     """Options of ``twistd milter``; the config file's values, overridden by the command line."""
 
@@ -64,47 +79,14 @@ class Options(usage.Options):
         "Run a chain of mail filters (milters) for Postfix or Sendmail. Filters answer in the order given;"
         " the first refusal wins. --listen takes Twisted strports descriptions"
         " (tcp:8891:interface=127.0.0.1, unix:/run/txmilt/txmilt.sock:mode=660, systemd:domain=INET:index=0)"
-        " or libmilter specs (inet:8891@127.0.0.1, inet:127.0.0.1:8891, inet6:8891@[::1], unix:/path,"
-        " local:/path). --filter names a filter class as package.module:Class, repeatable, in chain order,"
+        " or libmilter/Postfix addresses (inet:8891@127.0.0.1, inet:127.0.0.1:8891, inet6:[::1]:8891,"
+        f" inet:8891 for every interface, unix:/path, local:/path); without it: {DEFAULT_LISTEN}."
+        " --filter names a filter class as package.module:Class, repeatable, in chain order,"
         " after the config file's filters."
     )
     optParameters: ClassVar[list[list[Any]]] = [
         ["config", "c", None, "TOML config file ([daemon] and [[filter]] tables)."],
-        ["metrics", None, None, "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1)."],
-        ["frame-limit", None, None,
-         "Largest packet payload accepted, in bytes; a larger packet closes its connection (default 1048576).",
-         _whole_number("--frame-limit")],
-        ["idle-timeout", None, None, "Close a connection silent this many seconds (default 3600; 0: never).",
-         _seconds("--idle-timeout")],
-        ["negotiation-timeout", None, None,
-         "Close a connection that has not negotiated this many seconds after connecting (default 10; 0: the"
-         " idle timeout applies instead).", _seconds("--negotiation-timeout")],
-        ["max-connections", None, None, "Refuse (close at once) connections beyond this many (default 2000).",
-         _whole_number("--max-connections")],
-        ["max-headers", None, None,
-         "Most headers per message; the message beyond it is answered 452 4.3.1 (default 1000; 0: no limit).",
-         _whole_number("--max-headers")],
-        ["max-header-bytes", None, None,
-         "Most header bytes per message; the message beyond it is answered 452 4.3.1 (default 1048576;"
-         " 0: no limit).", _whole_number("--max-header-bytes")],
-        ["max-body-size", None, None,
-         "Largest body a whole_body filter may buffer; beyond it the filter gets its fallback (default"
-         " 67108864; 0: no limit).", _whole_number("--max-body-size")],
-        ["body-spool-threshold", None, None,
-         "Bytes of a buffered body kept in memory before spooling to a temporary file in $TMPDIR (default"
-         " 1048576; 0: always spool).",
-         _whole_number("--body-spool-threshold")],
-        ["drain-timeout", None, None, "On SIGTERM, wait this long for open connections (default 30).",
-         _seconds("--drain-timeout")],
-        ["progress-interval", None, None, "Seconds between keep-alives at a slow end of message (default 10).",
-         _seconds("--progress-interval")],
-        ["timeout", None, None,
-         "Default per-filter deadline for each callback, in seconds; past it the filter gets its fallback"
-         " (default 25).", _seconds("--timeout")],
-        ["fallback", None, None, "Default verdict for a failing filter: tempfail, accept, continue, reject."],
-        ["socket-group", None, None,
-         "Group owning unix sockets (their mode comes from the description: default 660; world-writable"
-         " modes are refused)."],
+        *(_option(setting) for setting in SETTINGS),
     ]
 
     def __init__(self) -> None:
@@ -114,11 +96,11 @@ class Options(usage.Options):
         self.config: DaemonConfig | None = None
 
     def opt_listen(self, description: str) -> None:
-        """Listen here (repeatable); default tcp:8891:interface=127.0.0.1."""
+        """Listen here (repeatable; the forms and the default are described above)."""
         try:
             self["listen"].append(to_strports(description))
         except ConfigurationError as e:
-            raise usage.UsageError(str(e)) from None
+            raise _ConfigurationUsageError(str(e)) from None
 
     opt_l = opt_listen
 
@@ -134,13 +116,15 @@ class Options(usage.Options):
 
         twistd itself would print the whole help on stdout with the error last;
         for a mistake in a config file that hides the one line that matters.
+        A mistake in the options themselves gets a second line pointing at --help.
         """
         try:
             usage.Options.parseOptions(self, options)
         except usage.UsageError as e:
             if not isinstance(getattr(self, "parent", None), app.ServerOptions):
                 raise
-            sys.stderr.write(f"twistd milter: {e}\n(twistd milter --help lists the options)\n")
+            hint = "" if isinstance(e, _ConfigurationUsageError) else "(twistd milter --help lists the options)\n"
+            sys.stderr.write(f"twistd milter: {e}\n{hint}")
             raise SystemExit(1) from None
 
     @override
@@ -148,43 +132,29 @@ class Options(usage.Options):
         try:
             self.config = self._build()
         except ConfigurationError as e:
-            raise usage.UsageError(str(e)) from None
+            raise _ConfigurationUsageError(str(e)) from None
 
     def _build(self) -> DaemonConfig:
-        if self["timeout"] is not None and not self["timeout"] > 0:
-            raise ConfigurationError(f"--timeout must be positive, not {self['timeout']!r}")
-        if self["fallback"] is not None:
-            fallback_verdict(self["fallback"], "--fallback")
+        given = [setting for setting in SETTINGS if self[setting.option] is not None]
+        overrides = {setting.name: setting.value(self[setting.option]) for setting in given}
+        for setting in given:
+            if setting.name in _FILTER_DEFAULTS:
+                setting.check_value(overrides[setting.name], f"--{setting.option}")
         config = (
-            read_config(self["config"], default_timeout=self["timeout"], default_fallback=self["fallback"])
+            read_config(
+                self["config"], default_timeout=overrides.get("default_timeout"),
+                default_fallback=overrides.get("default_fallback"),
+            )
             if self["config"]
             else DaemonConfig()
         )
-        timeout = self["timeout"] if self["timeout"] is not None else config.default_timeout
-        fallback = self["fallback"] or config.default_fallback
+        config = replace(config, **overrides)
         extra = tuple(
-            filter_spec({"class": path}, f"--filter {path}", timeout, fallback) for path in self["filter"]
+            filter_spec({"class": path}, f"--filter {path}", config.default_timeout, config.default_fallback)
+            for path in self["filter"]
         )
-        overrides: dict[str, Any] = {
-            "filters": config.filters + extra,
-            "default_timeout": timeout,
-            "default_fallback": fallback,
-        }
-        if self["listen"]:
-            overrides["listen"] = tuple(self["listen"])
-        for option, field_name in (
-            ("frame-limit", "frame_limit"), ("idle-timeout", "idle_timeout"),
-            ("negotiation-timeout", "negotiation_timeout"), ("max-connections", "max_connections"),
-            ("max-headers", "max_headers"), ("max-header-bytes", "max_header_bytes"),
-            ("max-body-size", "max_body_size"), ("body-spool-threshold", "body_spool_threshold"),
-            ("drain-timeout", "drain_timeout"),
-            ("progress-interval", "progress_interval"), ("socket-group", "socket_group"),
-        ):
-            if self[option] is not None:
-                overrides[field_name] = self[option]
-        if self["metrics"]:
-            overrides["metrics"] = to_strports(self["metrics"])
-        config = check_config(replace(config, **overrides))
+        config = replace(config, filters=config.filters + extra, listen=tuple(self["listen"]) or config.listen)
+        config = check_config(config)
         if config.socket_group:
             _group_id(config.socket_group)
         for description in config.listen:
@@ -294,20 +264,7 @@ def makeService(options: Options) -> IService:
         from txmilt.metrics import MetricsObserver
 
         observer = MetricsObserver()
-    factory = MilterFactory(
-        config.filters,
-        reactor,
-        frame_limit=config.frame_limit,
-        idle_timeout=config.idle_timeout,
-        negotiation_timeout=config.negotiation_timeout,
-        max_connections=config.max_connections,
-        progress_interval=config.progress_interval,
-        observer=observer,
-        max_headers=config.max_headers,
-        max_header_bytes=config.max_header_bytes,
-        max_body_size=config.max_body_size,
-        body_spool_threshold=config.body_spool_threshold,
-    )
+    factory = MilterFactory(config.filters, reactor, observer=observer, **config.factory_keywords())
     top = MultiService()
     top.addService(DrainService(factory, config.drain_timeout, reactor))
     for description in config.listen:

@@ -45,6 +45,12 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Runs twistd with this interpreter (the ``twistd`` script may belong to another Python).
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 STARTUP_TIMEOUT = 15.0
+#: twistd with prometheus_client unimportable, as after ``pip install .`` without the metrics extra.
+TWISTD_WITHOUT_METRICS = [
+    sys.executable, "-c",
+    "import sys; sys.modules['prometheus_client'] = None; sys.argv[0] = 'twistd';"
+    " from twisted.scripts.twistd import run; run()",
+]
 IO_TIMEOUT = 10.0
 
 
@@ -165,13 +171,14 @@ class Daemon:
         self.stdout = directory / "twistd.out"
         self.stderr = directory / "twistd.err"
         self.process: subprocess.Popen[bytes] | None = None
+        self.twistd = TWISTD
 
     def start(self, *arguments: str) -> subprocess.Popen[bytes]:
         """Start twistd with the config file and ``arguments``."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with self.stdout.open("wb") as out, self.stderr.open("wb") as err:
             self.process = subprocess.Popen(
-                [*TWISTD, "-n", "--pidfile=", "milter", "--config", str(self.config), *arguments],
+                [*self.twistd, "-n", "--pidfile=", "milter", "--config", str(self.config), *arguments],
                 cwd=ROOT, env=env, stdout=out, stderr=err,
             )
         return self.process
@@ -429,3 +436,35 @@ def test_config_error_exits_before_listening(daemon: Callable[[str], Daemon]) ->
     assert "cannot import module 'no_such_module'" in stderr
     assert "twistd milter:" in stderr
     assert "starting on" not in milter.output()
+
+
+def test_runs_without_prometheus_client(daemon: Callable[[str], Daemon], sock_dir: Path) -> None:
+    """Without prometheus_client (no metrics extra) the daemon serves as usual when metrics are off."""
+    port, sock = free_port(), sock_dir / "milter.sock"
+    milter = daemon(daemon_config(port, sock))
+    milter.twistd = TWISTD_WITHOUT_METRICS
+    milter.start()
+    milter.wait_listening(lambda: tcp_connect(port))
+    mta = MTA(tcp_connect(port))
+    try:
+        mta.start_message()
+        assert stamp(mta.finish_message()) == "txmilt on mx.example (client 192.0.2.7)"
+    finally:
+        mta.close()
+
+
+@pytest.mark.parametrize("where", ["config", "option"])
+def test_metrics_need_prometheus_client(daemon: Callable[[str], Daemon], sock_dir: Path, where: str) -> None:
+    """Metrics without prometheus_client: exit 1 before listening, with one line saying what to install."""
+    port, sock, metrics_port = free_port(), sock_dir / "milter.sock", free_port()
+    in_config = metrics_port if where == "config" else None
+    milter = daemon(daemon_config(port, sock, metrics=in_config))
+    milter.twistd = TWISTD_WITHOUT_METRICS
+    milter.start(*([] if in_config else ["--metrics", f"inet:{metrics_port}@127.0.0.1"]))
+    assert milter.wait(30) == 1, milter.output()
+    assert milter.stderr.read_text() == (
+        "twistd milter: metrics need the prometheus_client package, which is not installed:"
+        " pip install 'txmilt[metrics]'\n"
+    )
+    assert not accepts(lambda: tcp_connect(port))
+    assert not sock.exists()
