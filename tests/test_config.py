@@ -237,14 +237,14 @@ class ConfigErrorTests(ConfigTestCase):
         self.assert_refused(
             '[daemon]\nlisten_on = ["inet:8891"]\n' + STAMP,
             "config [daemon]: unknown key 'listen_on'",
-            "known keys are body_spool_threshold, drain_timeout, fallback, frame_limit",
+            "known keys are body_spool_threshold, chain_order, drain_timeout, fallback, frame_limit",
         )
 
     def test_unknown_filter_key(self) -> None:
         """A misspelt [[filter]] key is refused, naming the filter's number."""
         self.assert_refused(
             STAMP + '[[filter]]\nklass = "examples.header_stamp:HeaderStamp"\n',
-            "config [[filter]] #2: unknown key 'klass'", "known keys are class, dry_run",
+            "config [[filter]] #2: unknown key 'klass'", "known keys are after_changes, class, dry_run",
         )
 
     def test_wrong_type_daemon(self) -> None:

@@ -412,7 +412,8 @@ class SettingsTests(SynchronousTestCase):
         self.assertEqual(
             set(keywords),
             {"frame_limit", "idle_timeout", "negotiation_timeout", "max_connections", "progress_interval",
-             "max_headers", "max_header_bytes", "max_body_size", "body_spool_threshold"},
+             "max_headers", "max_header_bytes", "max_body_size", "body_spool_threshold", "frame_timeout",
+             "chain_order"},
         )
         for name, default in keywords.items():
             self.assertEqual(parameters[name].default, default, name)

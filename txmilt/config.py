@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
-from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
+from txmilt.chain import CHAIN_ORDERS, DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
@@ -23,6 +23,7 @@ from txmilt.listen import DEFAULT_SOCKET_MODE, check_strports, to_strports
 from txmilt.messages import Accept, Continue, Reject, TempFail
 from txmilt.milter import FilterVerdict
 from txmilt.protocol import (
+    DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_NEGOTIATION_TIMEOUT,
@@ -66,6 +67,11 @@ def _at_least_one(label: str, value: int) -> None:
         raise ConfigurationError(f"{label} must be at least 1")
 
 
+def _chain_order(label: str, value: str) -> None:
+    if value not in CHAIN_ORDERS:
+        raise ConfigurationError(f"{label} must be one of {', '.join(CHAIN_ORDERS)}, not {value!r}")
+
+
 def _frame_limit(label: str, value: int) -> None:
     if not 0 < value <= ABSOLUTE_FRAME_LIMIT:
         raise ConfigurationError(f"{label} {value} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
@@ -105,6 +111,12 @@ class DaemonConfig:
         "Largest packet payload accepted, in bytes; a larger packet closes its connection (default {default}).",
         check=_frame_limit, factory=True,
     )
+    frame_timeout: float = _setting(
+        DEFAULT_FRAME_TIMEOUT, "seconds",
+        "Close a connection whose packet, once begun, is not complete within this many seconds, however it"
+        " trickles in (default {default}; 0: no limit).",
+        check=_not_negative, factory=True,
+    )
     idle_timeout: float = _setting(
         DEFAULT_IDLE_TIMEOUT, "seconds", "Close a connection silent this many seconds (default {default}; 0: never).",
         check=_not_negative, factory=True,
@@ -141,6 +153,13 @@ class DaemonConfig:
         "Bytes of a buffered body kept in memory before spooling to a temporary file in $TMPDIR (default"
         " {default}; 0: always spool).",
         check=_not_negative, factory=True,
+    )
+    chain_order: str = _setting(
+        "concurrent", "text",
+        "How the filters take each command: concurrent (all at once; the first refusal in filter order answers)"
+        " or sequential (one after another, stopping at the first refusal, exactly as Postfix's smtpd_milters)"
+        " (default {default}).",
+        check=_chain_order, factory=True,
     )
     drain_timeout: float = _setting(
         30.0, "seconds", "On SIGTERM, wait this long for open connections (default {default}).", check=_not_negative,
@@ -224,6 +243,7 @@ _FILTER_KEYS = {
     "timeout": (int, float),
     "fallback": str,
     "dry_run": bool,
+    "after_changes": bool,
     "options": dict,
 }
 
@@ -290,7 +310,7 @@ def filter_spec(
         try:
             return remote_filter(
                 table["remote"], name=table.get("name", table["remote"]), timeout=timeout, fallback=fallback,
-                dry_run=table.get("dry_run", False), **options,
+                dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), **options,
             )
         except ConfigurationError as e:
             raise ConfigurationError(f"{where}: {e}") from None
@@ -298,7 +318,7 @@ def filter_spec(
     factory: Callable[[], IMilter] = functools.partial(cls, **options) if options else cls
     return FilterSpec(
         factory, name=table.get("name", table["class"]), timeout=timeout, fallback=fallback,
-        dry_run=table.get("dry_run", False),
+        dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False),
     )
 
 

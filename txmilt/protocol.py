@@ -39,6 +39,8 @@ from txmilt.session import (
     Notice,
 )
 
+#: Seconds within which a frame that has begun to arrive must be complete.
+DEFAULT_FRAME_TIMEOUT = 120.0
 #: Seconds a connection may stay silent between commands before it is closed.
 DEFAULT_IDLE_TIMEOUT = 3600.0
 #: Seconds from accepting a connection to the end of option negotiation before it is closed.
@@ -168,6 +170,7 @@ class MilterProtocol(Protocol):
         self._busy = False
         self._finished = False
         self._deadline: float | None = None  # when the idle (or negotiation) timeout closes us
+        self._frame_due: float | None = None  # when the frame that has started must be complete
         self._watched = float("inf")  # the earliest time the factory's deadline heap will look at us
         self._observer = factory.server_observer
         self._started = 0.0
@@ -191,6 +194,7 @@ class MilterProtocol(Protocol):
         if not self._busy:
             self._restart_idle_timer()
             self._pump()
+            self._track_frame()
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -266,6 +270,7 @@ class MilterProtocol(Protocol):
             return
         self._restart_idle_timer()
         self._pump()
+        self._track_frame()
 
     def _write(self, data: bytes) -> None:
         """Send one reply batch: one send() when the socket is idle, else through the transport.
@@ -330,12 +335,28 @@ class MilterProtocol(Protocol):
             self.factory.deadlines.watch(deadline, self)
 
     def _cancel_idle_timer(self) -> None:
-        self._deadline = None
+        self._deadline = self._frame_due = None
+
+    def _track_frame(self) -> None:
+        """Start the frame deadline when a frame is part-way in, and stop it when none is.
+
+        Trickled bytes restart the idle timer, but not this one: a frame that has
+        started must be whole within ``frame_timeout``.
+        """
+        if self._busy or self._finished:
+            return
+        if not self.session.pending_bytes:
+            self._frame_due = None
+        elif self._frame_due is None and self.factory.frame_timeout:
+            self._frame_due = due = self.factory.clock.seconds() + self.factory.frame_timeout
+            if due < self._watched:
+                self._watched = due
+                self.factory.deadlines.watch(due, self)
 
     @property
     def waiting(self) -> bool:
         """Whether a deadline runs for this connection."""
-        return self._deadline is not None and not self._finished
+        return (self._deadline is not None or self._frame_due is not None) and not self._finished
 
     def unwatched(self) -> None:
         """The deadline heap dropped this connection."""
@@ -344,12 +365,22 @@ class MilterProtocol(Protocol):
     def check_deadline(self, now: float) -> float | None:
         """Close the connection if its deadline has passed; else the time to look again (or None)."""
         self._watched = float("inf")
-        deadline = self._deadline
-        if deadline is None or self._finished:
+        if self._finished:
             return None
-        if deadline > now:
-            self._watched = deadline
-            return deadline
+        due = [when for when in (self._deadline, self._frame_due) if when is not None]
+        if not due:
+            return None
+        if min(due) > now:
+            self._watched = min(due)
+            return self._watched
+        if self._frame_due is not None and self._frame_due <= now:
+            self._frame_due = None
+            self.log.warn(
+                "[{conn}] a frame begun {timeout}s ago is still incomplete ({pending} bytes); closing the connection",
+                conn=self.connection_id, timeout=self.factory.frame_timeout, pending=self.session.pending_bytes,
+            )
+            self._close()
+            return None
         self._deadline = None
         self._idle()
         return None
@@ -398,6 +429,7 @@ class MilterFactory(Factory):
         max_body_size: int = DEFAULT_MAX_BODY_SIZE,
         body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
         chain_order: str = "concurrent",
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
     ) -> None:
         """Serve ``filters`` in this order; the keywords are the limits (0 switches a limit off).
 
@@ -409,6 +441,7 @@ class MilterFactory(Factory):
         Lineup (tried once already).
 
         ``frame_limit``: largest packet payload (larger: the connection is dropped).
+        ``frame_timeout``: seconds within which a frame that has begun must be complete.
         ``idle_timeout``: seconds of silence between commands before the connection is closed.
         ``negotiation_timeout``: seconds from connecting to the end of option negotiation.
         ``max_connections``: connections served at once (more are refused at accept).
@@ -435,6 +468,7 @@ class MilterFactory(Factory):
         self.chain_order = chain_order
         self.clock: IReactorTime = clock
         self.frame_limit = frame_limit
+        self.frame_timeout = frame_timeout
         self.idle_timeout = idle_timeout
         self.negotiation_timeout = negotiation_timeout
         self.max_connections = max_connections

@@ -192,6 +192,7 @@ class RemoteMilter:
         timeout: float = FilterSpec.timeout,
         fallback: FilterVerdict | None = None,
         dry_run: bool = False,
+        after_changes: bool = False,
         **options: Any,
     ) -> FilterSpec:
         """A chain member that makes one RemoteMilter per MTA connection.
@@ -215,7 +216,9 @@ class RemoteMilter:
         factory: Callable[[], IMilter] = functools.partial(
             cls, address, name=label, timeout=timeout, fallback=fallback, **options
         )
-        return FilterSpec(factory, name=label, timeout=timeout, fallback=fallback, dry_run=dry_run)
+        return FilterSpec(
+            factory, name=label, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes
+        )
 
     @property
     def _reactor(self) -> Any:
@@ -495,8 +498,12 @@ def remote_filter(
     timeout: float = FilterSpec.timeout,
     fallback: FilterVerdict | None = None,
     dry_run: bool = False,
+    after_changes: bool = False,
     **options: Any,
 ) -> FilterSpec:
     """A chain member proxying to the external milter at ``address`` (see RemoteMilter.spec)."""
-    return RemoteMilter.spec(address, name=name, timeout=timeout, fallback=fallback, dry_run=dry_run, **options)
+    return RemoteMilter.spec(
+        address, name=name, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes,
+        **options,
+    )
 
