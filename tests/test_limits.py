@@ -166,7 +166,7 @@ class HeaderLimitTests(SynchronousTestCase):
         mta.rcpt_to("<b@example.net>")
         for name, value in headers(50):
             mta.header(name, value)
-        self.assertLessEqual(len(mta.protocol.chain._headers), 5)
+        self.assertLessEqual(len(mta.protocol.chain._copy.headers), 5)
 
 
 class WholeBody(Milter):

@@ -18,20 +18,17 @@ end it. The pure merges live in ``txmilt.merge``, calling one filter safely in
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Callable, Iterable, Sequence
-from typing import IO, Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from txmilt.errors import ConfigurationError, NegotiationError
+from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
 from txmilt.member import (
-    CONTENT_EDITS,
-    CONTENT_EVENTS,
     ChainObserver,
     Context,
     FilterSpec,
@@ -40,20 +37,17 @@ from txmilt.member import (
     as_spec,
     verify_filters,
 )
-from txmilt.merge import REFUSALS, ChangeMerger, Needs, describe, merge_requirements, merge_verdicts
+from txmilt.merge import REFUSALS, ChangeMerger, describe, merge_verdicts
 from txmilt.messages import (
-    MAX_BODY_CHUNK,
     Abort,
     Accept,
     Action,
     BodyChunk,
     Command,
-    Connect,
     Continue,
     EndOfHeaders,
     EndOfMessage,
     Header,
-    MacroStage,
     MailFrom,
     Negotiate,
     NegotiateReply,
@@ -67,9 +61,10 @@ from txmilt.messages import (
     strip_leading_space,
 )
 from txmilt.milter import CALLBACKS, Changes, FilterVerdict
-from txmilt.mta import MTA, default_macros, mta_of_version, union_of_names
+from txmilt.mta import MTA, mta_of_version
 from txmilt.order import Later, Walked, walk
-from txmilt.session import Disconnected, LimitExceeded, MacroView, Requirements, Scope, closes, negotiate
+from txmilt.replay import MessageCopy, plan
+from txmilt.session import Disconnected, LimitExceeded, MacroView, Scope, closes
 from txmilt.spool import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, BodySpool
 
 __all__ = [
@@ -120,63 +115,6 @@ class SessionState(Protocol):
         """Whether a message is open."""
 
 
-# ------------------------------------------------------------------ planning
-
-
-def _replayed(lineup: Lineup, sequential: bool) -> frozenset[int]:
-    """Which filters are shown the content at end of message, edited, rather than as it comes."""
-    replayed: set[int] = set()
-    editors_before = False
-    first = True
-    for index, spec in enumerate(lineup.specs):
-        if spec.dry_run:
-            continue  # a dry run sees the message as the MTA sent it, and never holds it up
-        profile = lineup.profiles()[index]
-        if (sequential and not first) or (profile.after_changes and editors_before):
-            replayed.add(index)
-        first = False
-        editors_before = editors_before or bool(profile.requirements.actions & CONTENT_EDITS)
-    return frozenset(replayed)
-
-
-@functools.lru_cache(maxsize=256)
-def _plan(lineup: Lineup, offer: Negotiate, sequential: bool) -> tuple[NegotiateReply, frozenset[int], bool, bool]:
-    """The OPTNEG reply for ``offer``, the replayed filters, and whether headers and the body are copied.
-
-    Worked out once per lineup and offer (an MTA makes the same offer every time).
-    """
-    negotiate(offer, Requirements())  # an unusable version is no filter's fault
-    profiles = lineup.profiles()
-    for spec, profile in zip(lineup.specs, profiles, strict=True):
-        try:
-            negotiate(offer, profile.requirements)
-        except NegotiationError as e:
-            raise NegotiationError(f"filter {spec.name}: {e}") from None
-    replayed = _replayed(lineup, sequential)
-    copy_body = bool(replayed)
-    editors = sum(
-        bool(p.requirements.actions & _HEADER_EDITS) for s, p in zip(lineup.specs, profiles, strict=True)
-        if not s.dry_run
-    )
-    keep_headers = copy_body or editors > 1  # to rebase header indices, or to replay them
-    needs: list[Needs] = []
-    for index, profile in enumerate(profiles):
-        if index in replayed:
-            # Its content comes from the chain's copy: the MTA need not wait for it live.
-            live = profile.needs.receives - CONTENT_EVENTS
-            needs.append(Needs(profile.requirements, live, profile.needs.silent & live))
-        else:
-            needs.append(profile.needs)
-    observe = ((Header,) if keep_headers else ()) + ((BodyChunk,) if copy_body else ())
-    merged = merge_requirements(needs, observe=observe, offer=offer)
-    if sequential and merged.actions & Action.QUARANTINE:
-        # Postfix and Sendmail end a quarantined message's milters differently; ``v`` tells them apart.
-        connect = merged.macros.get(MacroStage.CONNECT) or default_macros(offer).get(MacroStage.CONNECT, ())
-        macros = {**merged.macros, MacroStage.CONNECT: union_of_names(connect, ("v",))}
-        merged = Requirements(merged.actions, merged.protocol, merged.optional, macros)
-    return negotiate(offer, merged), replayed, keep_headers, copy_body
-
-
 # ------------------------------------------------------------------ the chain
 
 
@@ -184,9 +122,9 @@ class Chain:
     """Fans each MTA command out to the filters of one connection and merges their answers."""
 
     __slots__ = (
-        "_closed", "_context", "_copy", "_copy_body", "_headers", "_in_flight", "_keep_headers", "_lineup",
-        "_max_body_size", "_members", "_mta", "_negotiated", "_offer", "_progress_call", "_progress_interval",
-        "_refused_over_limit", "_sequential", "_spool_threshold", "send_progress",
+        "_closed", "_context", "_copy", "_in_flight", "_lineup", "_max_body_size", "_members", "_negotiated",
+        "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_sequential", "_skip_allowed",
+        "_spool_threshold", "send_progress",
     )
 
     log = Logger()
@@ -216,10 +154,8 @@ class Chain:
         self._members = self._make_members()
         self._negotiated: NegotiateReply | None = None
         self._offer: Negotiate | None = None
-        self._keep_headers = self._copy_body = False
-        self._headers: list[tuple[str, str]] = []
-        self._copy: BodySpool | None = None
-        self._mta: MTA | None = None
+        self._copy = MessageCopy(body_spool_threshold, max_body_size)
+        self._skip_allowed = False  # SKIP negotiated, and no copy of the body needed
         self._in_flight: Deferred[Any] | None = None
         self._progress_call: IDelayedCall | None = None
         self._closed = False
@@ -237,9 +173,11 @@ class Chain:
 
     def negotiate(self, offer: Negotiate) -> NegotiateReply:
         """The chain's OPTNEG reply; NegotiationError names a filter the MTA cannot serve."""
-        reply, replayed, self._keep_headers, self._copy_body = _plan(self._lineup, offer, self._sequential)
+        reply, shown_later, keep_headers, keep_body = plan(self._lineup, offer, self._sequential)
+        self._copy.keep(keep_headers, keep_body)
+        self._skip_allowed = bool(reply.protocol & ProtocolFlag.SKIP) and not keep_body
         for index, member in enumerate(self._members):
-            member.replayed = index in replayed
+            member.replayed = index in shown_later
         self._offer = offer
         self.accept_negotiation(reply)
         return reply
@@ -277,13 +215,9 @@ class Chain:
         if kind is MailFrom:
             self._begin_message()
         elif isinstance(command, Header):
-            if self._keep_headers:
-                self._headers.append((command.name, command.value))
+            self._copy.header(command.name, command.value)
         elif isinstance(command, BodyChunk):
-            if self._copy is not None:
-                self._copy.write(command.data)
-        elif kind is Connect:
-            self._mta = mta_of_version(session.macros.get("v"))
+            self._copy.body(command.data)
         if isinstance(command, EndOfMessage):
             return self._end_of_message(command, session)
         return self._dispatch(command, session)
@@ -318,7 +252,7 @@ class Chain:
         results: list[Any] = []
         for member in self._members:
             if member.spec.dry_run:
-                self._enqueue(member, functools.partial(
+                member.enqueue(functools.partial(
                     self._dry_call, member, command, macros, rejected, session.in_transaction
                 ))
                 continue
@@ -385,9 +319,9 @@ class Chain:
             if message_open and closes(kind, Accept) is Scope.MESSAGE:
                 settled = _both(settled, self._end_message(()))
             return self._after(settled, (Accept(),))
-        if kind is BodyChunk and self._negotiated is not None and not self._copy_body:
+        if kind is BodyChunk and self._skip_allowed:
             readers = [m for m in self._members if m.active and BodyChunk in m.profile.needs.receives]
-            if readers and all(m.skipping for m in readers) and self._negotiated.protocol & ProtocolFlag.SKIP:
+            if readers and all(m.skipping for m in readers):
                 return self._after(settled, (Skip(),))
         return self._after(settled, (_CONTINUE,))
 
@@ -458,39 +392,21 @@ class Chain:
         judged(outcome)
         return None
 
-    def _enqueue(self, member: Member, work: Callable[[], object]) -> None:
-        """Run ``work`` for a dry-run filter once its earlier work is done (at once if there is none)."""
-        if member.pending is None:
-            result = work()
-            if isinstance(result, Deferred) and not result.called:
-                member.pending = result
-                result.addBoth(self._idle, member, result)
-            return
-        member.pending.addBoth(lambda _: work())
-
-    @staticmethod
-    def _idle(result: object, member: Member, deferred: Deferred[Any]) -> None:
-        if member.pending is deferred:
-            member.pending = None
-
     def _quiet(self, member: Member, stage: str) -> Deferred[Any] | None:
         """Call abort or reset if the filter is still in the message; a dry-run filter after its earlier work."""
         if member.spec.dry_run:
-            self._enqueue(member, lambda: member.call_quietly(stage) if member.active else None)
+            member.enqueue(lambda: member.call_quietly(stage) if member.active else None)
             return None
         return member.call_quietly(stage) if member.active else None
 
     # -- messages
 
     def _begin_message(self) -> None:
-        self._headers = []
         self._refused_over_limit = False
-        if self._copy is not None:
-            self._copy.close()
-        self._copy = BodySpool(self._spool_threshold, self._max_body_size) if self._copy_body else None
+        self._copy.begin()
         for member in self._members:
             if member.spec.dry_run:
-                self._enqueue(member, functools.partial(_new_message, member))
+                member.enqueue(functools.partial(_new_message, member))
             else:
                 _new_message(member)
 
@@ -513,20 +429,16 @@ class Chain:
             if reset is not None:
                 pending.append(reset)
             if member.spec.dry_run:
-                self._enqueue(member, functools.partial(_new_message, member))
+                member.enqueue(functools.partial(_new_message, member))
             else:
                 _new_message(member)
-        self._headers = []
-        if self._copy is not None:
-            self._copy.close()
-            self._copy = None
+        self._copy.close()
         return _all_of(pending)
 
     def _end_of_message(self, command: EndOfMessage, session: SessionState) -> Outcome:
         if command.data:
             # Not sent by Postfix or Sendmail: body bytes on end of message are one more chunk.
-            if self._copy is not None:
-                self._copy.write(command.data)
+            self._copy.body(command.data)
             chunk = self._dispatch(BodyChunk(command.data), session)
 
             def then(responses: Sequence[Response]) -> Outcome:
@@ -541,7 +453,7 @@ class Chain:
 
     def _final(self, session: SessionState) -> Outcome:
         macros = session.macros
-        merger = ChangeMerger(self._headers)
+        merger = ChangeMerger(self._copy.headers)
         targets: list[Member] = []
         recorders: list[Changes] = []
         results: list[Any] = []
@@ -558,10 +470,11 @@ class Chain:
             targets.append(member)
             recorders.append(recorder)
             if member.replayed:
-                results.append(Later(functools.partial(self._replay, member, recorder, merger, macros)))
+                results.append(Later(functools.partial(self._copy.replay, member, recorder, merger, macros)))
             else:
                 results.append(self._end_of_message_of(member, recorder, macros))
-        stop_on_quarantine = self._sequential and self._mta is not MTA.SENDMAIL
+        # Postfix ends the milters' pass at the first that quarantines, Sendmail goes on; ``v`` tells which.
+        stop_on_quarantine = self._sequential and mta_of_version(macros.get("v")) is not MTA.SENDMAIL
 
         def settled(index: int, verdict: FilterVerdict) -> bool:
             member, recorder = targets[index], recorders[index]
@@ -641,68 +554,11 @@ class Chain:
             for kind in describe(recorder):
                 self._count_change(member, kind)
 
-        self._enqueue(member, run)
+        member.enqueue(run)
 
     def _count_change(self, member: Member, kind: str) -> None:
         if self._context.observer is not None:
             self._context.observer.change(member.name, kind, member.spec.dry_run)
-
-    # -- replaying the edited message
-
-    def _replay(
-        self, member: Member, recorder: Changes, merger: ChangeMerger, macros: MacroView
-    ) -> FilterVerdict | Deferred[Any]:
-        """Show a filter the content as the filters before it left it, then its end of message."""
-        return Deferred.fromCoroutine(self._replayed_content(member, recorder, merger, macros))
-
-    async def _replayed_content(
-        self, member: Member, recorder: Changes, merger: ChangeMerger, macros: MacroView
-    ) -> FilterVerdict:
-        receives = member.profile.needs.receives
-        if Header in receives:
-            for name, value in merger.headers():
-                shown = strip_leading_space(value) if member.strip_space else value
-                verdict = await _settled(member.call("header", Header(name, shown), macros))
-                if not isinstance(verdict, Continue):
-                    return verdict
-        if EndOfHeaders in receives:
-            verdict = await _settled(member.call("end_of_headers", EndOfHeaders(), macros))
-            if not isinstance(verdict, Continue):
-                return verdict
-        body, trouble = self._replay_body(merger)
-        if trouble is not None:
-            self.log.error(
-                "[{conn}] filter {filter}: {trouble}, so it cannot be shown the edited message; it gets its"
-                " fallback {fallback!r}", conn=self.connection_id, filter=member.name, trouble=trouble,
-                fallback=member.spec.fallback,
-            )
-            return member.fallback("end_of_message")[0]
-        if member.profile.calls_body:
-            for chunk in body:
-                verdict = await _settled(member.call("body", BodyChunk(chunk), macros))
-                if isinstance(verdict, Skip):
-                    break
-                if not isinstance(verdict, Continue):
-                    return verdict
-        if member.profile.whole_body:
-            member.show_body(self._replay_file(merger))
-        return await _settled(member.call("end_of_message", recorder, macros))
-
-    def _replay_body(self, merger: ChangeMerger) -> tuple[Iterable[bytes], str | None]:
-        """The body to replay, in chunks, or why it cannot be."""
-        if merger.body is not None:
-            return (merger.body[i:i + MAX_BODY_CHUNK] for i in range(0, len(merger.body), MAX_BODY_CHUNK)), None
-        copy = self._copy
-        if copy is None:
-            return (), None
-        if copy.trouble is not None:
-            return (), copy.trouble
-        return copy.chunks(MAX_BODY_CHUNK), None
-
-    def _replay_file(self, merger: ChangeMerger) -> IO[bytes]:
-        if merger.body is not None:
-            return io.BytesIO(merger.body)
-        return self._copy.file() if self._copy is not None else io.BytesIO()
 
     # -- the end of the session
 
@@ -724,9 +580,7 @@ class Chain:
             closed = member.call_quietly("close")
             if closed is not None:
                 pending.append(closed)
-        if self._copy is not None:
-            self._copy.close()
-            self._copy = None
+        self._copy.close()
         return _all_of(pending)
 
     def connection_lost(self, in_transaction: bool) -> None:
@@ -779,13 +633,6 @@ class Chain:
             self._progress_call.cancel()
         self._progress_call = None
         return result
-
-
-async def _settled(outcome: FilterVerdict | Deferred[Any]) -> FilterVerdict:
-    """The verdict of a call, waiting for it if it is pending."""
-    if isinstance(outcome, Deferred):
-        return await outcome  # type: ignore[no-any-return]
-    return outcome
 
 
 def _all_of(pending: Sequence[Deferred[Any] | None]) -> Deferred[Any] | None:

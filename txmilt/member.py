@@ -261,6 +261,24 @@ class Member:
         if self.profile.whole_body:
             self.show_body(None)
 
+    def enqueue(self, work: Callable[[], object]) -> None:
+        """Run ``work`` once this filter's earlier work is done (at once if there is none).
+
+        A dry-run filter is never waited for: its callbacks run in their own time,
+        one after another, through this queue.
+        """
+        if self.pending is None:
+            result = work()
+            if isinstance(result, Deferred) and not result.called:
+                self.pending = result
+                result.addBoth(self._idle, result)
+            return
+        self.pending.addBoth(lambda _: work())
+
+    def _idle(self, result: object, deferred: Deferred[Any]) -> None:
+        if self.pending is deferred:
+            self.pending = None
+
     # -- calling the filter
 
     def call(self, stage: str, argument: object, macros: MacroView) -> FilterVerdict | Deferred[Any]:

@@ -164,6 +164,7 @@ SENDMAIL = MTAProfile(
         "if_addr": "192.0.2.1",
         "i": "5A1BcDeF012345",
         "msg_id": "<202401011200.5A1BcDeF012345@mx.example.net>",
+        "v": "8.17.1.9",
         "mail_mailer": "esmtp",
         "rcpt_mailer": "esmtp",
     }),
