@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
-from txmilt.errors import LocalProtocolError, NegotiationError, ProtocolError, RemoteProtocolError
+from txmilt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from txmilt.macros import EMPTY_MACROS as EMPTY_MACROS
+from txmilt.macros import MacroView as MacroView
+from txmilt.macros import normal_macro_name
 from txmilt.messages import (
-    INTERNAL_PROTOCOL_BITS,
-    PROTOCOL_VERSION,
     Abort,
     Accept,
     Action,
@@ -34,7 +35,6 @@ from txmilt.messages import (
     Header,
     Helo,
     Macros,
-    MacroStage,
     MailFrom,
     Negotiate,
     NegotiateReply,
@@ -51,6 +51,14 @@ from txmilt.messages import (
     Unknown,
     required_action,
 )
+from txmilt.negotiation import NO_FLAG as NO_FLAG
+from txmilt.negotiation import NO_REPLY_FLAG as NO_REPLY_FLAG
+from txmilt.negotiation import OPTIONAL_PROTOCOL_BITS as OPTIONAL_PROTOCOL_BITS
+from txmilt.negotiation import TRACKING_EVENTS as TRACKING_EVENTS
+from txmilt.negotiation import Requirements as Requirements
+from txmilt.negotiation import check_negotiation as check_negotiation
+from txmilt.negotiation import negotiate as negotiate
+from txmilt.negotiation import offered as offered
 
 
 class Stage(enum.Enum):
@@ -136,32 +144,6 @@ def _describe(command: Command) -> str:
     return f"{COMMAND_NAMES[type(command)]} ({command.letter!r})"
 
 
-#: The flag that switches each command off (``SMFIP_NO*``).
-NO_FLAG: Final[Mapping[type, ProtocolFlag]] = {
-    Connect: ProtocolFlag.NO_CONNECT,
-    Helo: ProtocolFlag.NO_HELO,
-    MailFrom: ProtocolFlag.NO_MAIL,
-    RcptTo: ProtocolFlag.NO_RCPT,
-    Data: ProtocolFlag.NO_DATA,
-    Header: ProtocolFlag.NO_HEADERS,
-    EndOfHeaders: ProtocolFlag.NO_EOH,
-    BodyChunk: ProtocolFlag.NO_BODY,
-    Unknown: ProtocolFlag.NO_UNKNOWN,
-}
-
-#: The flag that silences the reply to each command (``SMFIP_NR_*``).
-NO_REPLY_FLAG: Final[Mapping[type, ProtocolFlag]] = {
-    Connect: ProtocolFlag.NR_CONNECT,
-    Helo: ProtocolFlag.NR_HELO,
-    MailFrom: ProtocolFlag.NR_MAIL,
-    RcptTo: ProtocolFlag.NR_RCPT,
-    Data: ProtocolFlag.NR_DATA,
-    Header: ProtocolFlag.NR_HEADER,
-    EndOfHeaders: ProtocolFlag.NR_EOH,
-    BodyChunk: ProtocolFlag.NR_BODY,
-    Unknown: ProtocolFlag.NR_UNKNOWN,
-}
-
 # ------------------------------------------------------------------ the tables
 #
 # Three tables say everything about order and lifecycle; nothing else in txmilt decides them.
@@ -229,8 +211,6 @@ def can_answer(command: type, verdict: type) -> bool:
 
 
 _NOTHING: Final[Mapping[type, Scope]] = {}
-# Stages a message can be in before its end (libmilter's "transaction"), for messages.
-_CONTENT: Final = frozenset({Stage.DATA, Stage.HEADERS, Stage.END_OF_HEADERS, Stage.BODY})
 
 # Macro sets libmilter keeps, by command letter, in lookup order (latest stage first).
 _MACRO_LETTERS: Final = "ENTRMHC"
@@ -242,13 +222,6 @@ _ALWAYS_ALLOWED: Final = (NegotiateReply, Progress, Continue, Accept, Reject, Te
 _NO_REPLY_COMMANDS: Final = (Macros, Abort, Quit, QuitNoClose)
 #: The CONTINUE packet, the answer to almost every command.
 _CONTINUE_FRAME: Final = b"\x00\x00\x00\x01c"
-
-#: Protocol bits a milter may ask for without the MTA noticing when they are missing.
-OPTIONAL_PROTOCOL_BITS: Final = ProtocolFlag(
-    sum(NO_FLAG.values()) | sum(NO_REPLY_FLAG.values()) | ProtocolFlag.SKIP
-)
-#: Events never negotiated away: the session needs MAIL to see where messages begin.
-TRACKING_EVENTS: Final = ProtocolFlag.NO_MAIL
 
 #: Default most headers one message may have before it is over the limit.
 DEFAULT_MAX_HEADERS: Final = 1000
@@ -307,110 +280,6 @@ def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
     return frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if protocol & flag)
 
 
-def _normal_macro_name(name: str) -> str:
-    return name[1:-1] if name.startswith("{") and name.endswith("}") else name
-
-
-class MacroView(Mapping[str, str]):
-    """Macro values visible now, latest stage first; ``x`` and ``{x}`` are one name."""
-
-    __slots__ = ("_sets",)
-
-    def __init__(self, sets: tuple[Mapping[str, str], ...]) -> None:
-        self._sets = sets
-
-    def __getitem__(self, name: str) -> str:
-        key = _normal_macro_name(name)
-        for values in self._sets:
-            if key in values:
-                return values[key]
-        raise KeyError(name)
-
-    def __iter__(self) -> Iterator[str]:
-        seen: set[str] = set()
-        for values in self._sets:
-            for key in values:
-                if key not in seen:
-                    seen.add(key)
-                    yield key
-
-    def __len__(self) -> int:
-        return len(set().union(*self._sets))
-
-    def __repr__(self) -> str:
-        return f"MacroView({dict(self)!r})"
-
-
-EMPTY_MACROS: Final = MacroView(())
-
-
-# ---------------------------------------------------------------- negotiation
-
-
-@dataclass(frozen=True)
-class Requirements:
-    """What a filter (or a chain of them) needs from the MTA.
-
-    ``protocol`` bits must be granted (leading space, rejected recipients);
-    ``optional`` bits (events switched off, replies silenced, SKIP) are taken
-    where the MTA offers them. NO_MAIL is never granted, required or not: the
-    session needs MAIL to see where messages begin.
-    """
-
-    actions: Action = Action.NONE
-    protocol: ProtocolFlag = ProtocolFlag.NONE
-    optional: ProtocolFlag = ProtocolFlag.NONE
-    macros: Mapping[MacroStage, tuple[str, ...]] = field(default_factory=dict)
-
-
-def offered(offer: Negotiate) -> tuple[Action, ProtocolFlag]:
-    """The actions and protocol bits an offer really grants (libmilter's defaults for 0)."""
-    actions = offer.actions or Action(0x0F)
-    protocol = (offer.protocol or ProtocolFlag(0x3F)) & ~INTERNAL_PROTOCOL_BITS
-    return actions, protocol
-
-
-def _flag_names(flags: enum.IntFlag) -> str:
-    named = [flag for flag in type(flags) if flag.value and flag in flags]
-    rest = int(flags) & ~sum(int(flag) for flag in named)
-    return ", ".join([str(flag.name) for flag in named] + ([hex(rest)] if rest else []))
-
-
-def negotiate(offer: Negotiate, needs: Requirements) -> NegotiateReply:
-    """The OPTNEG reply for ``needs``; NegotiationError if the MTA lacks something needed."""
-    if offer.version < 2:
-        raise NegotiationError(f"MTA offers protocol version {offer.version}; version 2 or later is needed")
-    actions, protocol = offered(offer)
-    wanted_actions = needs.actions
-    if needs.macros:
-        wanted_actions |= Action.SET_MACRO_LIST
-    missing = wanted_actions & ~actions
-    if missing:
-        raise NegotiationError(f"MTA does not offer actions {_flag_names(missing)} (it offers {actions:#x})")
-    missing_bits = needs.protocol & ~protocol
-    if missing_bits:
-        raise NegotiationError(
-            f"MTA does not offer protocol options {_flag_names(missing_bits)} (it offers {protocol:#x})"
-        )
-    granted = (needs.protocol | (needs.optional & protocol)) & ~TRACKING_EVENTS
-    macros = {stage: tuple(names) for stage, names in needs.macros.items()}
-    return NegotiateReply(min(offer.version, PROTOCOL_VERSION), wanted_actions, granted, macros)
-
-
-def check_negotiation(
-    offer: Negotiate, reply: NegotiateReply, error: type[ProtocolError] = RemoteProtocolError
-) -> None:
-    """Raise ``error`` unless ``reply`` is a legal answer to ``offer`` (as Sendmail checks)."""
-    actions, protocol = offered(offer)
-    if not 2 <= reply.version <= offer.version:
-        raise error(f"OPTNEG reply version {reply.version} is not between 2 and the offered {offer.version}")
-    if reply.actions & ~actions:
-        raise error(f"OPTNEG reply asks for actions {_flag_names(reply.actions & ~actions)} not offered")
-    extra = reply.protocol & ~INTERNAL_PROTOCOL_BITS & ~protocol
-    if extra:
-        raise error(f"OPTNEG reply asks for protocol options {_flag_names(extra)} not offered")
-    if reply.macros and not reply.actions & Action.SET_MACRO_LIST:
-        raise error("OPTNEG reply lists macros without the SETSYMLIST action")
 
 
 # ------------------------------------------------------------------ sessions
@@ -696,7 +565,7 @@ class MilterSession(_Session):
         if packet.command in _MACRO_LETTERS:
             values: dict[str, str] = {}
             for name, value in packet.pairs:
-                values.setdefault(_normal_macro_name(name), value)  # libmilter finds the first of duplicates
+                values.setdefault(normal_macro_name(name), value)  # libmilter finds the first of duplicates
             self._macros[packet.command] = values
             self._macro_view = None
 
