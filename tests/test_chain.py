@@ -233,6 +233,7 @@ class RecordingObserver:
         self.changes: list[tuple[str, str, bool]] = []
         self.latencies: list[tuple[str, str, float]] = []
         self.failures: list[tuple[str, str, str]] = []
+        self.skips: list[tuple[str, str]] = []
 
     def verdict(self, filter_name: str, stage: str, verdict: str, dry_run: bool) -> None:
         self.verdicts.append((filter_name, stage, verdict, dry_run))
@@ -245,6 +246,9 @@ class RecordingObserver:
 
     def failure(self, filter_name: str, stage: str, kind: str) -> None:
         self.failures.append((filter_name, stage, kind))
+
+    def skipped(self, filter_name: str, reason: str) -> None:
+        self.skips.append((filter_name, reason))
 
 
 class Pool:

@@ -44,6 +44,7 @@ from txmilt.messages import (
     Action,
     BodyChunk,
     Command,
+    Connect,
     Continue,
     EndOfHeaders,
     EndOfMessage,
@@ -122,9 +123,9 @@ class Chain:
     """Fans each MTA command out to the filters of one connection and merges their answers."""
 
     __slots__ = (
-        "_closed", "_context", "_copy", "_in_flight", "_lineup", "_max_body_size", "_members", "_negotiated",
-        "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_sequential", "_skip_allowed",
-        "_spool_threshold", "send_progress",
+        "_closed", "_conditional", "_context", "_copy", "_in_flight", "_lineup", "_max_body_size", "_members",
+        "_negotiated", "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_sequential",
+        "_skip_allowed", "_spool_threshold", "send_progress",
     )
 
     log = Logger()
@@ -152,6 +153,7 @@ class Chain:
         self._progress_interval = progress_interval
         self.send_progress = send_progress
         self._members = self._make_members()
+        self._conditional = any(spec.conditions is not None for spec in self._lineup.specs)
         self._negotiated: NegotiateReply | None = None
         self._offer: Negotiate | None = None
         self._copy = MessageCopy(body_spool_threshold, max_body_size)
@@ -212,8 +214,10 @@ class Chain:
             return self._after(self._end_message(self._members), ())
         if isinstance(command, _SESSION_ENDS):
             return self._session_end(command)
-        if kind is MailFrom:
-            self._begin_message()
+        if isinstance(command, MailFrom):
+            self._begin_message(command, session)
+        elif isinstance(command, Connect) and self._conditional:
+            self._check_connection(command)
         elif isinstance(command, Header):
             self._copy.header(command.name, command.value)
         elif isinstance(command, BodyChunk):
@@ -401,14 +405,39 @@ class Chain:
 
     # -- messages
 
-    def _begin_message(self) -> None:
+    def _begin_message(self, command: MailFrom, session: SessionState) -> None:
         self._refused_over_limit = False
         self._copy.begin()
         for member in self._members:
+            when = member.spec.conditions
+            reason = None
+            if when is not None and when.message_level and member.active:
+                reason = when.message_fails(session.macros.get("{auth_authen}"), command.address)
+                if reason is not None:
+                    self._skip(member, reason)
             if member.spec.dry_run:
-                member.enqueue(functools.partial(_new_message, member))
+                member.enqueue(functools.partial(_new_message, member, reason is not None))
             else:
-                _new_message(member)
+                _new_message(member, reason is not None)
+
+    def _check_connection(self, command: Connect) -> None:
+        """Leave filters whose ``when`` rules the SMTP client out of this connection, as if they had accepted."""
+        for member in self._members:
+            when = member.spec.conditions
+            if when is not None and not member.retired_for_connection:
+                reason = when.connection_fails(command)
+                if reason is not None:
+                    member.retired_for_connection = True
+                    self._skip(member, reason)
+
+    def _skip(self, member: Member, reason: str) -> None:
+        self.log.debug(
+            "[{conn}] filter {filter} sits this out: its when.{key} does not hold",
+            conn=self.connection_id, filter=member.name, key=reason,
+        )
+        observer = self._context.observer
+        if observer is not None:
+            observer.skipped(member.name, reason)
 
     def _end_message(self, aborted: Iterable[Member]) -> Deferred[Any] | None:
         """The message is over: ``abort()`` for ``aborted`` filters still in it, then ``reset()`` for all of them.
@@ -648,8 +677,8 @@ def _both(first: Deferred[Any] | None, second: Deferred[Any] | None) -> Deferred
 
 
 
-def _new_message(member: Member) -> None:
-    """Clear what a filter's state says about the last message."""
-    member.retired = member.skipping = False
+def _new_message(member: Member, left_out: bool = False) -> None:
+    """Clear what a filter's state says about the last message; ``left_out`` of the next one by its ``when``."""
+    member.retired, member.skipping = left_out, False
     if member.profile.whole_body:
         member.drop_body()

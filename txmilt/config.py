@@ -17,6 +17,7 @@ from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
 from txmilt.chain import CHAIN_ORDERS, DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
+from txmilt.conditions import When
 from txmilt.errors import ConfigurationError
 from txmilt.interfaces import IMilter
 from txmilt.listen import DEFAULT_SOCKET_MODE, check_strports, to_strports
@@ -244,6 +245,7 @@ _FILTER_KEYS = {
     "fallback": str,
     "dry_run": bool,
     "after_changes": bool,
+    "when": dict,
     "options": dict,
 }
 
@@ -304,13 +306,15 @@ def filter_spec(
     timeout = float(table.get("timeout", default_timeout))
     _positive(f"{where}: timeout", timeout)
     fallback = fallback_verdict(table.get("fallback", default_fallback), where)
+    when = When.parse(table["when"], where) if "when" in table else None
     if "remote" in table:
         from txmilt.remote import remote_filter
 
         try:
             return remote_filter(
                 table["remote"], name=table.get("name", table["remote"]), timeout=timeout, fallback=fallback,
-                dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), **options,
+                dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), when=when,
+                **options,
             )
         except ConfigurationError as e:
             raise ConfigurationError(f"{where}: {e}") from None
@@ -318,7 +322,7 @@ def filter_spec(
     factory: Callable[[], IMilter] = functools.partial(cls, **options) if options else cls
     return FilterSpec(
         factory, name=table.get("name", table["class"]), timeout=timeout, fallback=fallback,
-        dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False),
+        dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), when=when,
     )
 
 

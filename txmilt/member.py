@@ -9,15 +9,16 @@ per factory; a ``Member`` is one filter instance on one connection, and
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, cast
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from txmilt.conditions import When
 from txmilt.errors import ConfigurationError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.merge import Needs
@@ -63,6 +64,9 @@ class ChainObserver(Protocol):
     def failure(self, filter_name: str, stage: str, kind: str) -> None:
         """A filter failed at ``stage``: ``kind`` is "timeout", "error", "bad-verdict" or "body" (too large)."""
 
+    def skipped(self, filter_name: str, reason: str) -> None:
+        """A filter's ``when`` left it out of a connection or message; ``reason`` names the key that failed."""
+
 
 @dataclass(frozen=True)
 class FilterSpec:
@@ -71,6 +75,8 @@ class FilterSpec:
     ``after_changes`` makes the filter see the message content as the filters
     before it left it (as a filter listed later in ``smtpd_milters`` does); a
     filter class can also declare it with an ``after_changes = True`` attribute.
+    ``when`` says where the filter applies (``txmilt.conditions``): a ``When``
+    or a mapping like the config file's ``when`` table.
     """
 
     factory: Callable[[], IMilter]
@@ -79,17 +85,25 @@ class FilterSpec:
     fallback: FilterVerdict = field(default_factory=TempFail)
     dry_run: bool = False
     after_changes: bool = False
+    when: When | Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
             name = getattr(self.factory, "__qualname__", None) or repr(self.factory)
             object.__setattr__(self, "name", name)
+        if self.when is not None and not isinstance(self.when, When):
+            object.__setattr__(self, "when", When.parse(self.when, f"filter {self.name}"))
         if not isinstance(self.fallback, _FALLBACKS):
             raise ConfigurationError(
                 f"filter {self.name}: fallback must be TempFail, Accept, Continue or Reject, not {self.fallback!r}"
             )
         if not self.timeout > 0:
             raise ConfigurationError(f"filter {self.name}: timeout must be positive, not {self.timeout!r}")
+
+    @property
+    def conditions(self) -> When | None:
+        """Where the filter applies (``when``, parsed), or None for everywhere."""
+        return cast(When | None, self.when)
 
 
 def as_spec(member: FilterSpec | Callable[[], IMilter]) -> FilterSpec:

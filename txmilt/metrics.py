@@ -32,6 +32,10 @@ class MetricsObserver:
             "txmilt_filter_failures", "Filter timeouts, errors and bad verdicts, per stage.",
             ["filter", "stage", "kind"], registry=self.registry,
         )
+        self.skipped_total = Counter(
+            "txmilt_filter_skipped", "Connections and messages a filter's when conditions left it out of.",
+            ["filter", "reason"], registry=self.registry,
+        )
         self.command_latency = Histogram(
             "txmilt_command_latency_seconds", "Time from an MTA command to the chain's reply, per stage.",
             ["stage"], buckets=_LATENCY_BUCKETS, registry=self.registry,
@@ -65,6 +69,10 @@ class MetricsObserver:
     def failure(self, filter_name: str, stage: str, kind: str) -> None:
         """Count one filter failure."""
         self.failure_total.labels(filter_name, stage, kind).inc()
+
+    def skipped(self, filter_name: str, reason: str) -> None:
+        """Count one connection or message a filter sat out, by the when key that failed."""
+        self.skipped_total.labels(filter_name, reason).inc()
 
     def command(self, stage: str, seconds: float) -> None:
         """Record how long the chain took to answer one command."""

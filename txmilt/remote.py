@@ -37,6 +37,7 @@ from zope.interface import implementer
 from txmilt.chain import FilterSpec
 from txmilt.client import MilterClient, Reply, check_milter_address, connect_milter, milter_endpoint
 from txmilt.codec import DEFAULT_FRAME_LIMIT
+from txmilt.conditions import When
 from txmilt.errors import ConfigurationError, MilterUnavailableError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
@@ -193,6 +194,7 @@ class RemoteMilter:
         fallback: FilterVerdict | None = None,
         dry_run: bool = False,
         after_changes: bool = False,
+        when: When | Mapping[str, Any] | None = None,
         **options: Any,
     ) -> FilterSpec:
         """A chain member that makes one RemoteMilter per MTA connection.
@@ -217,7 +219,8 @@ class RemoteMilter:
             cls, address, name=label, timeout=timeout, fallback=fallback, **options
         )
         return FilterSpec(
-            factory, name=label, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes
+            factory, name=label, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes,
+            when=when,
         )
 
     @property
@@ -499,11 +502,12 @@ def remote_filter(
     fallback: FilterVerdict | None = None,
     dry_run: bool = False,
     after_changes: bool = False,
+    when: When | Mapping[str, Any] | None = None,
     **options: Any,
 ) -> FilterSpec:
     """A chain member proxying to the external milter at ``address`` (see RemoteMilter.spec)."""
     return RemoteMilter.spec(
         address, name=name, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes,
-        **options,
+        when=when, **options,
     )
 

@@ -24,6 +24,7 @@ from txmilt.messages import (
     MAX_BODY_CHUNK,
     Action,
     BodyChunk,
+    Connect,
     Continue,
     EndOfHeaders,
     Header,
@@ -98,7 +99,14 @@ def plan(lineup: Lineup, offer: Negotiate, sequential: bool) -> Plan:
             needs.append(Needs(profile.requirements, live, profile.needs.silent & live))
         else:
             needs.append(profile.needs)
-    observe = ((Header,) if keep_headers else ()) + ((BodyChunk,) if keep_body else ())
+    whens = [spec.conditions for spec in lineup.specs if spec.conditions is not None]
+    observe = (
+        ((Header,) if keep_headers else ()) + ((BodyChunk,) if keep_body else ())
+        + ((Connect,) if any(when.connection_level for when in whens) else ())
+    )
+    if any(when.authenticated is not None for when in whens):
+        # Whether the client authenticated is {auth_authen} at MAIL (in both MTAs' default lists).
+        needs.append(Needs(Requirements(macros={MacroStage.MAIL: ("{auth_authen}",)}), frozenset(), frozenset()))
     merged = merge_requirements(needs, observe=observe, offer=offer)
     if sequential and merged.actions & Action.QUARANTINE:
         # Postfix and Sendmail end a quarantined message's milter pass differently; ``v`` tells them apart.
