@@ -146,7 +146,10 @@ def check_text(report: JSON) -> str:
     ]
     if report["changes"]:
         lines += ["", "changes"]
-        lines += [f"  milter {change['milter']}  {_change(change)}" for change in report["changes"]]
+        lines += [
+            f"  milter {change['milter']}  {_change(change)}".replace("\n", "\n" + " " * 12)
+            for change in report["changes"]
+        ]
     result = report["result"]
     if report["verdict"]["delivered"]:
         lines += [
