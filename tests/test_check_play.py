@@ -275,7 +275,7 @@ class LoadTests(SynchronousTestCase):
         self.load(Loopback({"inet:1@a": EXAMPLES}), LoadPlan(2), ProgressBar(stream, 2, clock=lambda: 1.0))
         self.assertTrue(stream.getvalue().startswith("\r["))
         self.assertIn("] 2/2", stream.getvalue())
-        self.assertTrue(stream.getvalue().endswith("errors 0\n"))
+        self.assertTrue(stream.getvalue().endswith("errors 0\x1b[K\n"))
 
     def test_percentile(self) -> None:
         """Nearest rank: p50 of 1..10 is 5, p90 is 9, p99 is 10."""

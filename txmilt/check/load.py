@@ -102,7 +102,7 @@ class ProgressBar:
         filled = width * done // self.total if self.total else width
         rate = done / (now - self.start) if now > self.start else 0.0
         self.stream.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {rate:.0f} msg/s  errors {errors}"
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total}  {rate:.0f} msg/s  errors {errors}\x1b[K"
         )
         self.stream.flush()
 
