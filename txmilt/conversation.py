@@ -44,7 +44,7 @@ from txmilt.messages import (
     Verdict,
     strip_leading_space,
 )
-from txmilt.mta import Message, MTAProfile, apply_modifications, bare_address, bare_macro_name
+from txmilt.mta import MACRO_STAGES, Message, MTAProfile, apply_modifications, bare_address, bare_macro_name
 from txmilt.session import MTASession
 
 __all__ = [
@@ -66,16 +66,6 @@ DEFAULT_CLIENT: Final = Connect("mail.example.com", Family.INET, 54321, "192.0.2
 #: Its HELO name.
 DEFAULT_HELO: Final = "mail.example.com"
 
-# Stage whose macro list goes before each command letter.
-_MACRO_STAGE: Final[Mapping[str, MacroStage]] = {
-    "C": MacroStage.CONNECT,
-    "H": MacroStage.HELO,
-    "M": MacroStage.MAIL,
-    "R": MacroStage.RCPT,
-    "T": MacroStage.DATA,
-    "N": MacroStage.END_OF_HEADERS,
-    "E": MacroStage.END_OF_MESSAGE,
-}
 # Postfix also sends the EOH list before each header and the EOM list before each body chunk.
 _PER_ITEM_STAGE: Final[Mapping[str, MacroStage]] = {"L": MacroStage.END_OF_HEADERS, "B": MacroStage.END_OF_MESSAGE}
 
@@ -155,8 +145,8 @@ class MacroState:
         """The macro packet the MTA sends before ``command`` to a milter that negotiated ``negotiated``."""
         letter = command.letter
         names: tuple[str, ...] | None
-        if letter in _MACRO_STAGE:
-            names = self.names(_MACRO_STAGE[letter], negotiated)
+        if letter in MACRO_STAGES:
+            names = self.names(MACRO_STAGES[letter], negotiated)
         elif letter in _PER_ITEM_STAGE and self.profile.macros_before_every_header_and_chunk:
             names = self.names(_PER_ITEM_STAGE[letter], negotiated)
         elif letter == "U":

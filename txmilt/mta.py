@@ -140,6 +140,18 @@ SENDMAIL: Final = MTAProfile(
 )
 
 
+#: The macro stage whose list an MTA sends before each command letter (PROTOCOL.md §4.5).
+MACRO_STAGES: Final[Mapping[str, MacroStage]] = types.MappingProxyType({
+    "C": MacroStage.CONNECT,
+    "H": MacroStage.HELO,
+    "M": MacroStage.MAIL,
+    "R": MacroStage.RCPT,
+    "T": MacroStage.DATA,
+    "N": MacroStage.END_OF_HEADERS,
+    "E": MacroStage.END_OF_MESSAGE,
+})
+
+
 def possible_mtas(offer: Negotiate) -> tuple[MTA, ...]:
     """The MTAs that could have made ``offer``: only Postfix offers a version below 6."""
     return (MTA.POSTFIX,) if offer.version < 6 else (MTA.POSTFIX, MTA.SENDMAIL)

@@ -20,7 +20,7 @@ import pytest
 
 from .checkcmd import txmilt_check
 from .milterd import is_listening
-from .opendkim import OpenDKIM, opendkim_available
+from .opendkim import OpenDKIM
 from .postfix import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -48,17 +48,7 @@ def message_file(tmp_path: Path) -> Callable[[bytes], str]:
     return write
 
 
-# ------------------------------------------------------------------ OpenDKIM
-
-
-@pytest.fixture(scope="module", params=["simple/simple", "relaxed/relaxed"])
-def opendkim(request: pytest.FixtureRequest) -> Iterator[OpenDKIM]:
-    """A private OpenDKIM signing for example.org."""
-    reason = opendkim_available()
-    if reason is not None:
-        pytest.skip(reason)
-    with OpenDKIM(domain="example.org", selector="txmilt", canonicalization=request.param) as signer:
-        yield signer
+# ------------------------------------------------------------------ OpenDKIM (the opendkim fixture: conftest.py)
 
 
 def test_opendkim_signs(opendkim: OpenDKIM, message_file: Callable[[bytes], str]) -> None:
