@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def test_examples_text(examples: str, message_file: Callable[[bytes], str]) -> N
     assert "+This message was checked by txmilt." in out
     assert "result    from <alice@suspicious.example> to <alice@example.com> <bob@example.com>" in out
     assert "  1  CONNECT    mail.example.com [198.51.100.7]" in out
+
+
+def _without_times(text: str, address: str) -> list[str]:
+    """Report lines with the milliseconds blanked and the daemon's address spelt as in the README."""
+    text = text.replace(address, "inet:8891@127.0.0.1")
+    times = re.compile(r" +\d+\.\d\d(?=(  \d+ changes?)?$| ms in the milters$)")
+    return [times.sub(" T", line).rstrip() for line in text.splitlines()]
+
+
+def test_readme_run(examples: str) -> None:
+    """The README's run of examples/message.eml is what txmilt-check prints today (times aside)."""
+    readme = (ROOT / "README.rst").read_text(encoding="utf-8")
+    command = "    $ txmilt-check inet:8891@127.0.0.1 examples/message.eml\n"
+    block = readme.partition(command)[2].partition("\n\nThe report lists")[0]
+    shown = [line.removeprefix("    ") for line in block.splitlines()]
+    run = txmilt_check(examples, str(ROOT / "examples" / "message.eml"))
+    assert run.returncode == 0, run.stderr
+    assert _without_times(run.stdout, examples) == _without_times("\n".join(shown), examples)
 
 
 def test_examples_json(examples: str, message_file: Callable[[bytes], str]) -> None:
