@@ -54,7 +54,7 @@ class OptionTests(SynchronousTestCase):
             "--timeout", "2.5", "--json", "inet:1@a",
         ])
         self.assertEqual(options.profile, SENDMAIL)
-        self.assertEqual(options.macros, {"{daemon_name}": "edge", "v": ""})
+        self.assertEqual(options.macros, {"{daemon_name}": "edge", "v": None})
         self.assertEqual(options.client, Connect("client.example", Family.INET6, 54321, "2001:db8::1"))
         self.assertEqual((options.helo, options.sender, options.recipients), ("client.example", "a@example.org",
                                                                               ("b@example.net", "c@x")))

@@ -184,9 +184,12 @@ class CheckTests(CheckTestCase):
         self.assertEqual(played.outcome.verdict.__class__.__name__, "Continue")
 
     def test_macro_overrides(self) -> None:
-        """--macro values replace the profile's."""
+        """--macro values replace the profile's; None leaves the macro out."""
         _, report = self.play(Loopback({"inet:1@a": [HeaderStamp]}), ["inet:1@a"], macros={"j": "mx.test"})
         self.assertIn("+X-Filtered-By: txmilt on mx.test (client 192.0.2.10)", report["result"]["diff"])
+        _, report = self.play(Loopback({"inet:1@a": [HeaderStamp]}), ["inet:1@a"], macros={"j": None})
+        self.assertIn("+X-Filtered-By: txmilt (client 192.0.2.10)", report["result"]["diff"])
+        self.assertEqual(report["stages"][0]["macros"], {"{client_addr}": "192.0.2.10"})
 
 
 class FailureTests(SynchronousTestCase):

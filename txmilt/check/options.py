@@ -48,7 +48,8 @@ class CheckOptions:
     milters: tuple[str, ...]
     message_file: str | None = None
     profile: MTAProfile = POSTFIX
-    macros: dict[str, str] = field(default_factory=dict)
+    #: Macro values replacing the profile's; None leaves the macro out.
+    macros: dict[str, str | None] = field(default_factory=dict)
     client: Connect = DEFAULT_CLIENT
     helo: str = DEFAULT_HELO
     sender: str | None = None
@@ -98,7 +99,7 @@ def _parser() -> _Parser:
     mta.add_argument("--profile", choices=sorted(PROFILES), default="postfix",
                      help="the MTA to play: what it offers and which macros it sends when (default postfix)")
     mta.add_argument("--macro", action="append", default=[], metavar="NAME=VALUE",
-                     help="a macro value to send instead of the profile's (repeatable; NAME= sends none)")
+                     help="a macro value to send instead of the profile's (repeatable; NAME= leaves it out)")
     mta.add_argument("--client-address", default=DEFAULT_CLIENT.address, metavar="IP",
                      help=f"the SMTP client's IP address (default {DEFAULT_CLIENT.address})")
     mta.add_argument("--client-name", default=DEFAULT_CLIENT.hostname, metavar="NAME",
@@ -134,13 +135,13 @@ def _client(address: str, name: str) -> Connect:
     return Connect(name, family, DEFAULT_CLIENT.port, str(ip))
 
 
-def _macros(pairs: Sequence[str]) -> dict[str, str]:
-    macros = {}
+def _macros(pairs: Sequence[str]) -> dict[str, str | None]:
+    macros: dict[str, str | None] = {}
     for pair in pairs:
         name, equals, value = pair.partition("=")
         if not equals or not name.strip():
             raise UsageError(f"--macro {pair!r}: expected NAME=VALUE, e.g. --macro '{{daemon_name}}=mx'")
-        macros[name.strip()] = value
+        macros[name.strip()] = value or None
     return macros
 
 

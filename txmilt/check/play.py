@@ -86,7 +86,7 @@ class MilterSession:
         addresses: Sequence[str],
         clients: Sequence[MilterClient],
         profile: MTAProfile,
-        macros: Mapping[str, str] | None = None,
+        macros: Mapping[str, str | None] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.addresses = tuple(addresses)
@@ -102,7 +102,7 @@ class MilterSession:
         profile: MTAProfile,
         *,
         timeout: float,
-        macros: Mapping[str, str] | None = None,
+        macros: Mapping[str, str | None] | None = None,
         clock: Callable[[], float] | None = None,
     ) -> MilterSession:
         """Connect to every milter in turn and negotiate the profile's offer; CheckError if one fails."""
