@@ -142,6 +142,8 @@ def _exchange(exchange: Exchange, leading_space: bool) -> JSON:
         "ms": round(exchange.seconds * 1000, 3),
         "macros": None if exchange.macros is None else dict(exchange.macros.pairs),
     }
+    if isinstance(exchange.command, BodyChunk):
+        entry["bytes"] = len(exchange.command.data)
     if smtp_reply(reply.verdict):
         entry["smtp_reply"] = smtp_reply(reply.verdict)
     if reply.modifications or reply.quarantine is not None:

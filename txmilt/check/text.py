@@ -65,11 +65,10 @@ def _rows(stages: Sequence[JSON]) -> list[JSON]:
             row["count"] += 1
             row["ms"] += stage["ms"]
             row["names"].append(stage["argument"].partition(":")[0])
-            row["bytes"] += int(stage["argument"].split()[0]) if stage["command"] == "BODY" else 0
+            row["bytes"] += stage.get("bytes", 0)
             continue
-        row = {**stage, "count": 1, "names": [stage["argument"].partition(":")[0]]}
-        row["bytes"] = int(stage["argument"].split()[0]) if stage["command"] == "BODY" else 0
-        rows.append(row)
+        name = stage["argument"].partition(":")[0]
+        rows.append({**stage, "count": 1, "names": [name], "bytes": stage.get("bytes", 0)})
     for row in rows:
         if row["count"] > 1:
             row["command"] = f"{row['command']} x{row['count']}"
