@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Install what the end-to-end tests need (Postfix, OpenDKIM) without leaving
-# the system Postfix service running or enabled.  Safe to run repeatedly.
+# Install what the end-to-end tests need (Postfix, OpenDKIM, and libmilter-dev so that
+# the txmilt-check test can build pymilter) without leaving the system Postfix service
+# running or enabled.  Safe to run repeatedly.
 set -euo pipefail
 
-PACKAGES=(postfix opendkim opendkim-tools)
+PACKAGES=(postfix opendkim opendkim-tools libmilter-dev)
 export DEBIAN_FRONTEND=noninteractive
 
 SUDO=""

@@ -1,4 +1,4 @@
-"""What the MTAs do that milters rely on: default macros per stage, and how they apply changes.
+"""What the MTAs do that milters rely on: default macros per stage, profiles, and how they apply changes.
 
 Pure data and functions (no Twisted): the chain uses them to ask for macros
 without losing the MTA's defaults and to replay an edited message to a later
@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from txmilt.messages import (
+    ALL_ACTIONS,
+    ALL_PROTOCOL,
+    MAX_BODY_CHUNK,
     AddHeader,
     AddRecipient,
     ChangeFrom,
@@ -61,6 +64,95 @@ DEFAULT_MACROS: Final[Mapping[MTA, Mapping[MacroStage, tuple[str, ...]]]] = type
 })
 
 
+@dataclass(frozen=True)
+class MTAProfile:
+    """How one MTA talks to milters: what it offers, which macros it sends and when.
+
+    Build variants with ``dataclasses.replace(POSTFIX, ...)``. Macro names in
+    ``macro_names`` are spelled as the MTA sends them (``j``, ``{daemon_name}``);
+    keys of ``macro_values`` are names without braces.
+    """
+
+    #: A label for messages and reprs.
+    name: str
+    #: The OPTNEG offer.
+    offer: Negotiate
+    #: Macro names sent before each stage's command unless the milter asked for others.
+    macro_names: Mapping[MacroStage, tuple[str, ...]]
+    #: Values of the macros that do not depend on the session (names without braces).
+    macro_values: Mapping[str, str]
+    #: Macro names sent before UNKNOWN, or None to send no macro packet there.
+    unknown_macro_names: tuple[str, ...] | None = None
+    #: Send a macro packet before every command that has one, even for an empty list (Postfix).
+    always_send_macros: bool = False
+    #: An empty list in the milter's OPTNEG reply means "use the default list" (Postfix), not "none".
+    empty_request_means_default: bool = False
+    #: Send ABORT after every finished message (Postfix).
+    abort_after_message: bool = False
+    #: Send ``D L`` (EOH list) before every header and ``D B`` (EOM list) before every body chunk (Postfix).
+    macros_before_every_header_and_chunk: bool = False
+    #: The queue id macro ``i`` has a value only from the first RCPT of a message on (Postfix).
+    queue_id_from_rcpt: bool = False
+    #: Close the milter socket without QUIT after a non-continue verdict at CONNECT or HELO (Postfix).
+    drop_after_connection_verdict: bool = False
+    #: Largest BODY packet the MTA sends.
+    body_chunk_size: int = MAX_BODY_CHUNK
+
+
+#: Postfix 3.x with its default ``milter_*_macros`` (PROTOCOL.md §6).
+POSTFIX: Final = MTAProfile(
+    name="Postfix",
+    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
+    macro_names=DEFAULT_MACROS[MTA.POSTFIX],
+    macro_values=types.MappingProxyType({
+        "j": "mx.example.net",
+        "daemon_name": "mx.example.net",
+        "daemon_addr": "192.0.2.1",
+        "v": "Postfix 3.7.11",
+        "i": "4XkZ1T0abcz",
+        "mail_mailer": "smtp",
+        "rcpt_mailer": "smtp",
+    }),
+    unknown_macro_names=(),
+    always_send_macros=True,
+    empty_request_means_default=True,
+    abort_after_message=True,
+    macros_before_every_header_and_chunk=True,
+    queue_id_from_rcpt=True,
+    drop_after_connection_verdict=True,
+)
+
+#: Sendmail 8.14-8.18 with the default ``confMILTER_MACROS_*`` of cf/m4/cfhead.m4 (PROTOCOL.md §6).
+SENDMAIL: Final = MTAProfile(
+    name="Sendmail",
+    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
+    macro_names=DEFAULT_MACROS[MTA.SENDMAIL],
+    macro_values=types.MappingProxyType({
+        "j": "mx.example.net",
+        "daemon_name": "MTA",
+        "if_name": "mx.example.net",
+        "if_addr": "192.0.2.1",
+        "i": "5A1BcDeF012345",
+        "msg_id": "<202401011200.5A1BcDeF012345@mx.example.net>",
+        "v": "8.17.1.9",
+        "mail_mailer": "esmtp",
+        "rcpt_mailer": "esmtp",
+    }),
+)
+
+
+#: The macro stage whose list an MTA sends before each command letter (PROTOCOL.md §4.5).
+MACRO_STAGES: Final[Mapping[str, MacroStage]] = types.MappingProxyType({
+    "C": MacroStage.CONNECT,
+    "H": MacroStage.HELO,
+    "M": MacroStage.MAIL,
+    "R": MacroStage.RCPT,
+    "T": MacroStage.DATA,
+    "N": MacroStage.END_OF_HEADERS,
+    "E": MacroStage.END_OF_MESSAGE,
+})
+
+
 def possible_mtas(offer: Negotiate) -> tuple[MTA, ...]:
     """The MTAs that could have made ``offer``: only Postfix offers a version below 6."""
     return (MTA.POSTFIX,) if offer.version < 6 else (MTA.POSTFIX, MTA.SENDMAIL)
@@ -79,7 +171,8 @@ def default_macros(offer: Negotiate) -> dict[MacroStage, tuple[str, ...]]:
     return merged
 
 
-def _bare(name: str) -> str:
+def bare_macro_name(name: str) -> str:
+    """A macro name without its braces: ``{client_addr}`` is ``client_addr``; ``j`` stays ``j``."""
     return name[1:-1] if name.startswith("{") and name.endswith("}") else name
 
 
@@ -89,7 +182,7 @@ def union_of_names(*lists: Iterable[str]) -> tuple[str, ...]:
     out: list[str] = []
     for names in lists:
         for name in names:
-            key = _bare(name)
+            key = bare_macro_name(name)
             if key not in seen:
                 seen.add(key)
                 out.append(name)
@@ -110,7 +203,8 @@ def mta_of_version(version: str | None) -> MTA | None:
 # ------------------------------------------------------------------ editing
 
 
-def _bare_address(address: str) -> str:
+def bare_address(address: str) -> str:
+    """An envelope address without its angle brackets."""
     return address[1:-1] if address.startswith("<") and address.endswith(">") else address
 
 
@@ -186,8 +280,8 @@ def apply_modifications(
         elif isinstance(change, AddRecipient):
             message.recipients.append((change.address, change.args or ()))
         elif isinstance(change, DeleteRecipient):
-            gone = _bare_address(change.address)
-            message.recipients = [r for r in message.recipients if _bare_address(r[0]) != gone]
+            gone = bare_address(change.address)
+            message.recipients = [r for r in message.recipients if bare_address(r[0]) != gone]
         elif isinstance(change, ReplaceBody):
             message.body = (message.body if replaced else b"") + change.data
             replaced = True

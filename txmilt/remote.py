@@ -77,18 +77,9 @@ from txmilt.messages import (
     strip_leading_space,
 )
 from txmilt.milter import Changes, FilterVerdict, Result
+from txmilt.mta import MACRO_STAGES
 from txmilt.session import COMMAND_NAMES, EMPTY_MACROS, NO_FLAG, NO_REPLY_FLAG, MacroView
 
-#: The macro stage whose list applies to each command letter (PROTOCOL.md §4.5).
-_MACRO_STAGES: Final[Mapping[str, MacroStage]] = {
-    "C": MacroStage.CONNECT,
-    "H": MacroStage.HELO,
-    "M": MacroStage.MAIL,
-    "R": MacroStage.RCPT,
-    "T": MacroStage.DATA,
-    "N": MacroStage.END_OF_HEADERS,
-    "E": MacroStage.END_OF_MESSAGE,
-}
 #: Everything the client side can serve, whatever the MTA offered the chain.
 _SERVED: Final = ProtocolFlag(
     sum(NO_FLAG.values()) | sum(NO_REPLY_FLAG.values()) | ProtocolFlag.SKIP | ProtocolFlag.HEADER_LEADING_SPACE
@@ -399,7 +390,7 @@ class RemoteMilter:
         self, command: Command, view: MacroView, negotiated: NegotiateReply
     ) -> list[tuple[str, str]] | None:
         """The macro values to send before ``command``: those the remote listed, else all visible."""
-        stage = _MACRO_STAGES.get(command.letter)
+        stage = MACRO_STAGES.get(command.letter)
         if stage is None:
             return None
         names = negotiated.macros.get(stage)

@@ -16,8 +16,7 @@ changes to a model of the message.
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
@@ -26,12 +25,10 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransportWithDisconnection
 
 from txmilt.chain import FilterSpec
+from txmilt.conversation import DEFAULT_CLIENT, Answer, Conversation, HangUp, Instruction, MacroState, Mail, Outcome
 from txmilt.errors import ConfigurationError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
-    ALL_ACTIONS,
-    ALL_PROTOCOL,
-    MAX_BODY_CHUNK,
     Abort,
     Accept,
     Action,
@@ -75,7 +72,7 @@ from txmilt.messages import (
     strip_leading_space,
 )
 from txmilt.milter import Changes, FilterVerdict, Milter, Result
-from txmilt.mta import DEFAULT_MACROS, MTA, Message, apply_modifications
+from txmilt.mta import POSTFIX, SENDMAIL, Message, MTAProfile, apply_modifications
 from txmilt.protocol import MilterFactory, MilterProtocol
 from txmilt.session import NEED_DATA, Disconnected, MTASession
 
@@ -91,114 +88,10 @@ __all__ = [
     "VerdictRule",
 ]
 
-# ------------------------------------------------------------------ profiles
-
-
-@dataclass(frozen=True)
-class MTAProfile:
-    """How one MTA talks to milters: what it offers, which macros it sends and when.
-
-    Build variants with ``dataclasses.replace(POSTFIX, ...)``. Macro names in
-    ``macro_names`` are spelled as the MTA sends them (``j``, ``{daemon_name}``);
-    keys of ``macro_values`` are names without braces.
-    """
-
-    #: A label for messages and reprs.
-    name: str
-    #: The OPTNEG offer.
-    offer: Negotiate
-    #: Macro names sent before each stage's command unless the milter asked for others.
-    macro_names: Mapping[MacroStage, tuple[str, ...]]
-    #: Values of the macros that do not depend on the session (names without braces).
-    macro_values: Mapping[str, str]
-    #: Macro names sent before UNKNOWN, or None to send no macro packet there.
-    unknown_macro_names: tuple[str, ...] | None = None
-    #: Send a macro packet before every command that has one, even for an empty list (Postfix).
-    always_send_macros: bool = False
-    #: An empty list in the milter's OPTNEG reply means "use the default list" (Postfix), not "none".
-    empty_request_means_default: bool = False
-    #: Send ABORT after every finished message (Postfix).
-    abort_after_message: bool = False
-    #: Send ``D L`` (EOH list) before every header and ``D B`` (EOM list) before every body chunk (Postfix).
-    macros_before_every_header_and_chunk: bool = False
-    #: The queue id macro ``i`` has a value only from the first RCPT of a message on (Postfix).
-    queue_id_from_rcpt: bool = False
-    #: Close the milter socket without QUIT after a non-continue verdict at CONNECT or HELO (Postfix).
-    drop_after_connection_verdict: bool = False
-    #: Largest BODY packet the MTA sends.
-    body_chunk_size: int = MAX_BODY_CHUNK
-
-
-#: Postfix 3.x with its default ``milter_*_macros`` (PROTOCOL.md §6).
-POSTFIX = MTAProfile(
-    name="Postfix",
-    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
-    macro_names=DEFAULT_MACROS[MTA.POSTFIX],
-    macro_values=types.MappingProxyType({
-        "j": "mx.example.net",
-        "daemon_name": "mx.example.net",
-        "daemon_addr": "192.0.2.1",
-        "v": "Postfix 3.7.11",
-        "i": "4XkZ1T0abcz",
-        "mail_mailer": "smtp",
-        "rcpt_mailer": "smtp",
-    }),
-    unknown_macro_names=(),
-    always_send_macros=True,
-    empty_request_means_default=True,
-    abort_after_message=True,
-    macros_before_every_header_and_chunk=True,
-    queue_id_from_rcpt=True,
-    drop_after_connection_verdict=True,
-)
-
-#: Sendmail 8.14-8.18 with the default ``confMILTER_MACROS_*`` of cf/m4/cfhead.m4 (PROTOCOL.md §6).
-SENDMAIL = MTAProfile(
-    name="Sendmail",
-    offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
-    macro_names=DEFAULT_MACROS[MTA.SENDMAIL],
-    macro_values=types.MappingProxyType({
-        "j": "mx.example.net",
-        "daemon_name": "MTA",
-        "if_name": "mx.example.net",
-        "if_addr": "192.0.2.1",
-        "i": "5A1BcDeF012345",
-        "msg_id": "<202401011200.5A1BcDeF012345@mx.example.net>",
-        "v": "8.17.1.9",
-        "mail_mailer": "esmtp",
-        "rcpt_mailer": "esmtp",
-    }),
-)
-
-# Stage whose macro list goes before each command letter.
-_MACRO_STAGE: Mapping[str, MacroStage] = {
-    "C": MacroStage.CONNECT,
-    "H": MacroStage.HELO,
-    "M": MacroStage.MAIL,
-    "R": MacroStage.RCPT,
-    "T": MacroStage.DATA,
-    "N": MacroStage.END_OF_HEADERS,
-    "E": MacroStage.END_OF_MESSAGE,
-}
-# Postfix also sends the EOH list before each header and the EOM list before each body chunk.
-_PER_ITEM_STAGE: Mapping[str, MacroStage] = {"L": MacroStage.END_OF_HEADERS, "B": MacroStage.END_OF_MESSAGE}
-
 _FINAL = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
 _MODIFICATIONS = (
     AddHeader, InsertHeader, ChangeHeader, ChangeFrom, AddRecipient, DeleteRecipient, ReplaceBody, Quarantine,
 )
-
-
-def _bare_name(name: str) -> str:
-    return name[1:-1] if name.startswith("{") and name.endswith("}") else name
-
-
-def _bare_address(address: str) -> str:
-    return address[1:-1] if address.startswith("<") and address.endswith(">") else address
-
-
-def _domain(address: str) -> str:
-    return _bare_address(address).rpartition("@")[2]
 
 
 # ------------------------------------------------------------------- results
@@ -319,8 +212,6 @@ class FakeMTA:
         self.profile = profile
         #: The OPTNEG offer sent.
         self.offer = profile.offer if offer is None else offer
-        #: Macro values overriding the profile's and the session's (keys without braces; None unsets).
-        self.macros: dict[str, str | None] = {_bare_name(k): v for k, v in (macros or {}).items()}
         peer = IPv4Address("TCP", "127.0.0.1", 40025)
         protocol = factory.buildProtocol(peer)
         if protocol is None:
@@ -334,6 +225,10 @@ class FakeMTA:
         )
         #: The MTA's side of the protocol state.
         self.session = MTASession()
+        #: The SMTP session played towards the milter: macro values, what was sent, how it was decided.
+        self.conversation = Conversation(profile, (self.session,), MacroState(profile, macros))
+        #: Macro values overriding the profile's and the session's (keys without braces; None unsets).
+        self.macros: dict[str, str | None] = self.conversation.macros.overrides
         #: Every response received, in order.
         self.replies: list[Response] = []
         #: Every command sent (macro packets included), in order.
@@ -347,11 +242,6 @@ class FakeMTA:
         self._sent = bytearray()
         self._read = 0
         self._reply_step: Step | None = None
-        self._session_values: dict[str, str] = {}
-        self._rcpt_seen = False
-        self._connected_smtp = False
-        self._helo_done = False
-        self._connection_verdict: Verdict | None = None
         self.transport.protocol = protocol
         protocol.makeConnection(self.transport)  # type: ignore[no-untyped-call]
 
@@ -423,14 +313,14 @@ class FakeMTA:
         if not isinstance(command, Negotiate) and self.session.negotiated is None:
             self.negotiate()
             self._require_connection()
-        saved = dict(self._session_values), self._rcpt_seen
-        self._track(command)
-        macros = self._macro_packet(command)
+        state = self.conversation.macros
+        saved = state.snapshot()
+        macros = state.prepare(command, self.session.negotiated)
         wanted = self.session.wants(type(command))
         try:
             data = self._send(*(p for p in (macros, command if wanted else None) if p is not None))
         except LocalProtocolError:
-            self._session_values, self._rcpt_seen = saved
+            state.restore(saved)
             raise
         step = Step(command, sent=wanted, macros=macros)
         self.steps.append(step)
@@ -446,65 +336,13 @@ class FakeMTA:
 
     # -- macros
 
-    def _track(self, command: Command) -> None:
-        """Update the session-dependent macro values for ``command``."""
-        values = self._session_values
-        if isinstance(command, Connect):
-            values.update({"client_name": command.hostname, "client_ptr": command.hostname})
-            if command.family in (Family.INET, Family.INET6):
-                values.update({
-                    "_": f"{command.hostname} [{command.address}]",
-                    "client_addr": command.address,
-                    "client_port": str(command.port),
-                })
-            else:
-                values["_"] = command.hostname
-        elif isinstance(command, Helo):
-            values["s"] = command.name
-        elif isinstance(command, MailFrom):
-            self._rcpt_seen = False
-            values.update({"mail_addr": _bare_address(command.address), "mail_host": _domain(command.address)})
-        elif isinstance(command, RcptTo):
-            self._rcpt_seen = True
-            values.update({"rcpt_addr": _bare_address(command.address), "rcpt_host": _domain(command.address)})
-
     def macro_value(self, name: str) -> str | None:
         """The value the MTA has now for macro ``name`` (``x`` or ``{x}``), or None if it has none."""
-        key = _bare_name(name)
-        if key in self.macros:
-            return self.macros[key]
-        if key == "i" and self.profile.queue_id_from_rcpt and not self._rcpt_seen:
-            return None
-        if key in self._session_values:
-            return self._session_values[key]
-        return self.profile.macro_values.get(key)
+        return self.conversation.macros.value(name)
 
     def macro_names(self, stage: MacroStage) -> tuple[str, ...]:
         """The macro names sent for ``stage``: the milter's requested list, else the profile's."""
-        requested = self.session.negotiated.macros.get(stage) if self.session.negotiated else None
-        if requested is not None and (requested or not self.profile.empty_request_means_default):
-            return tuple(requested)
-        return tuple(self.profile.macro_names.get(stage, ()))
-
-    def _macro_packet(self, command: Command) -> Macros | None:
-        letter = command.letter
-        names: tuple[str, ...] | None
-        if letter in _MACRO_STAGE:
-            names = self.macro_names(_MACRO_STAGE[letter])
-        elif letter in _PER_ITEM_STAGE and self.profile.macros_before_every_header_and_chunk:
-            names = self.macro_names(_PER_ITEM_STAGE[letter])
-        elif letter == "U":
-            names = self.profile.unknown_macro_names
-        else:
-            names = None
-        if names is None or not (names or self.profile.always_send_macros):
-            return None
-        pairs = []
-        for name in names:
-            value = self.macro_value(name)
-            if value is not None:
-                pairs.append((name, value))
-        return Macros(letter, tuple(pairs))
+        return self.conversation.macros.names(stage, self.session.negotiated)
 
     # -- steps
 
@@ -521,12 +359,12 @@ class FakeMTA:
     ) -> list[Response]:
         """Send CONNECT for an SMTP client; family UNKNOWN sends neither port nor address."""
         command = Connect(hostname) if family is Family.UNKNOWN else Connect(hostname, family, port, address)
-        self._connected_smtp = True
+        self.conversation.connect_sent = True
         return self._step(command).responses
 
     def helo(self, name: str = "mail.example.com") -> list[Response]:
         """Send HELO with the client's HELO/EHLO name."""
-        self._helo_done = True
+        self.conversation.helo_sent = True
         return self._step(Helo(name)).responses
 
     def mail_from(self, address: str, *args: str) -> list[Response]:
@@ -649,7 +487,20 @@ class FakeMTA:
         )
         start = len(self.steps)
         try:
-            self._message(result, rcpts, headers, body, helo=helo, connect=connect)
+            # Once CONNECT or HELO decided the SMTP session, nothing more reaches the milter.
+            if self.conversation.verdict is not None or (
+                self.connected and (self.session.negotiated is not None or self._negotiated())
+            ):
+                mail = Mail(sender, rcpts, headers, body, tuple(sender_args))
+                outcome = self._play(self.conversation.message(
+                    mail, connect=DEFAULT_CLIENT if connect else None, helo=helo
+                ))
+                message = outcome.message
+                result.verdict, result.refused_recipients = outcome.verdict, outcome.refused_recipients
+                result.modifications = [change for _, changes in outcome.changes for change in changes]
+                result.headers, result.body = message.headers, message.body
+                result.sender, result.sender_args = message.sender, message.sender_args
+                result.recipients, result.quarantined = message.recipients, message.quarantined
         finally:
             result.steps = self.steps[start:]
             result.progress_count = sum(
@@ -657,118 +508,29 @@ class FakeMTA:
             )
         return result
 
-    def _message(
-        self,
-        result: MessageResult,
-        rcpts: list[tuple[str, tuple[str, ...]]],
-        headers: Sequence[tuple[str, str]],
-        body: bytes,
-        *,
-        helo: str | None,
-        connect: bool,
-    ) -> None:
-        if self._connection_verdict is not None:
-            # The SMTP session was decided at CONNECT or HELO: nothing more reaches the milter.
-            result.verdict = self._connection_verdict
-            if isinstance(result.verdict, Accept):
-                result.recipients = list(rcpts)
-            return
-        if not self.connected or (self.session.negotiated is None and not self._negotiated()):
-            return
-        if connect and not self._connected_smtp:
-            self._connected_smtp = True
-            step = self._step(Connect("mail.example.com", Family.INET, 54321, "192.0.2.10"))
-            if self._connection_level(self._waited(step), result, rcpts):
-                return
-        if helo is not None and not self._helo_done:
-            self._helo_done = True
-            if self._connection_level(self._waited(self._step(Helo(helo))), result, rcpts):
-                return
-
-        def stop(verdict: Verdict | None) -> bool:
-            """Whether the message ends here (not Continue, or the milter is gone); records the verdict if so."""
-            if not self.connected:
-                verdict = None
-            elif isinstance(verdict, Continue):
-                return False
-            result.verdict = verdict
-            self._end_message(verdict)
-            return True
-
-        verdict = self._waited(self._step(MailFrom(result.sender, result.sender_args)))
-        if isinstance(verdict, Accept):
-            result.recipients = list(rcpts)
-        if stop(verdict):
-            return
-        for number, (address, args) in enumerate(rcpts):
-            verdict = self._waited(self._step(RcptTo(address, args)))
-            if isinstance(verdict, Reject | TempFail) and self.connected:
-                result.refused_recipients.append((address, verdict))
-                continue
-            result.recipients.append((address, args))
-            if isinstance(verdict, Accept):
-                result.recipients.extend(rcpts[number + 1:])
-            if stop(verdict):
-                return
-        if not result.recipients:
-            stop(result.refused_recipients[-1][1] if result.refused_recipients else None)
-            return
-        if stop(self._waited(self._step(Data()))):
-            return
-        for name, value in headers:
-            wire = " " + value if value and self.leading_space else value
-            if stop(self._waited(self._step(Header(name, wire)))):
-                return
-        if stop(self._waited(self._step(EndOfHeaders()))):
-            return
-        size = self.profile.body_chunk_size
-        for offset in range(0, len(body), size):
-            verdict = self._waited(self._step(BodyChunk(body[offset:offset + size])))
-            if isinstance(verdict, Skip):
-                break
-            if stop(verdict):
-                return
-        step = self._step(EndOfMessage())
-        verdict = self._waited(step)
-        result.modifications = [r for r in step.responses if isinstance(r, _MODIFICATIONS)]
-        if isinstance(verdict, Continue | Accept):
-            self._apply(result, result.modifications)
-        result.verdict = verdict
-        self._end_message(verdict)
+    def _play(self, conversation: Generator[Instruction, Answer, Outcome]) -> Outcome:
+        """Carry out a conversation's instructions, waiting for each reply; its outcome."""
+        try:
+            instruction = next(conversation)
+            while True:
+                if isinstance(instruction, HangUp):
+                    (self.quit if instruction.quit else self.disconnect)()
+                    answer = Answer(None, connected=self.connected)
+                else:
+                    step = self._step(instruction.command)
+                    verdict = self._waited(step)
+                    changes = tuple(r for r in step.responses if isinstance(r, _MODIFICATIONS))
+                    answer = Answer(verdict, changes, self.connected)
+                instruction = conversation.send(answer)
+        except StopIteration as done:
+            outcome: Outcome = done.value
+            return outcome
 
     def _negotiated(self) -> bool:
         """Negotiate (if still connected); whether it succeeded."""
         if self.connected:
             self.negotiate()
         return self.connected and self.session.negotiated is not None
-
-    def _connection_level(
-        self, verdict: Verdict | None, result: MessageResult, rcpts: list[tuple[str, tuple[str, ...]]]
-    ) -> bool:
-        """Whether a CONNECT or HELO verdict decided the whole SMTP session (then handle it)."""
-        if isinstance(verdict, Continue):
-            return False
-        result.verdict = verdict
-        if verdict is None:
-            return True
-        self._connection_verdict = verdict
-        if isinstance(verdict, Accept):
-            result.recipients = list(rcpts)
-        if self.profile.drop_after_connection_verdict:
-            self.disconnect()
-        elif not isinstance(verdict, Accept):
-            self.quit()
-        return True
-
-    def _end_message(self, verdict: Verdict | None) -> None:
-        """What the MTA sends once a message is over: ABORT, or drop the socket after SHUTDOWN."""
-        if not self.connected:
-            return
-        if isinstance(verdict, Shutdown) and self.profile.drop_after_connection_verdict:
-            self.disconnect()
-            return
-        if self.profile.abort_after_message or self.session.in_transaction:
-            self._step(Abort())
 
     # -- the message model
 

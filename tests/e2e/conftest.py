@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from .bench import DAEMON_TROUBLE, MILTER_MAIN_CF, POSTFIX_TROUBLE, Bench
+from .opendkim import OpenDKIM, opendkim_available
 from .postfix import PostfixFactory, PostfixInstance, free_port, postfix_available
 from .sink import SMTPSink
 
@@ -106,6 +107,16 @@ def bench() -> Iterator[Bench]:
                 if milter.name not in unclean:
                     milter.daemon.cleanup()
             assert not unclean, f"milter daemons did not stop cleanly on SIGTERM: {unclean}"
+
+
+@pytest.fixture(scope="module", params=["relaxed/simple", "simple/simple"])
+def opendkim(request: pytest.FixtureRequest) -> Iterator[OpenDKIM]:
+    """A private OpenDKIM signing for example.org (simple header canonicalization catches any whitespace slip)."""
+    reason = opendkim_available()
+    if reason is not None:
+        pytest.skip(reason)
+    with OpenDKIM(domain="example.org", selector="txmilt", canonicalization=request.param) as signer:
+        yield signer
 
 
 @pytest.fixture

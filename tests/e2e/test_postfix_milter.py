@@ -14,14 +14,14 @@ import json
 import math
 import re
 import socket
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 
 from .bench import Bench, TappedMilter, header_fields, make_message, split_fields
 from .filters import body_lines
-from .opendkim import OpenDKIM, opendkim_available
+from .opendkim import OpenDKIM
 from .sink import SinkMessage
 from .wiretap import Session
 
@@ -759,16 +759,6 @@ def test_chain_rebases_header_indexes(bench: Bench, rebase: TappedMilter) -> Non
 
 
 # ------------------------------------------------------------------- OpenDKIM
-
-
-@pytest.fixture(scope="module", params=["relaxed/simple", "simple/simple"])
-def opendkim(request: pytest.FixtureRequest) -> Iterator[OpenDKIM]:
-    """A private OpenDKIM signing for example.org (simple header canonicalization catches any whitespace slip)."""
-    reason = opendkim_available()
-    if reason is not None:
-        pytest.skip(reason)
-    with OpenDKIM(domain="example.org", selector="txmilt", canonicalization=request.param) as signer:
-        yield signer
 
 
 @pytest.fixture(scope="module")
