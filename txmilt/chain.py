@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
+from txmilt.coroutines import coroutine_deferred
 from txmilt.errors import ConfigurationError, LocalProtocolError, NegotiationError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
@@ -637,7 +638,7 @@ class Chain:
             self._latency(member, stage, started)
             return _CONTINUE
         if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
+            value = coroutine_deferred(value)
         if isinstance(value, Deferred):
             if not value.called or value.paused:
                 return self._wait(member, stage, value, started)
@@ -897,7 +898,7 @@ class Chain:
             self._failed(member, stage, Failure(), "error")
             return None
         if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
+            value = coroutine_deferred(value)
         if isinstance(value, Deferred):
             return self._quietly(member, stage, value)
         return None

@@ -47,5 +47,9 @@ class InvalidReplyError(LocalProtocolError):
     """An SMTP reply (code, enhanced status, text) that the MTA would refuse."""
 
 
+class EventLoopError(MilterError):
+    """A coroutine callback awaited something its event loop cannot wait for (asyncio vs Twisted)."""
+
+
 class MilterUnavailableError(MilterError):
     """A milter cannot be reached, closed the connection, or was dropped; its pending commands fail."""
