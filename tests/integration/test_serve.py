@@ -1,0 +1,166 @@
+"""txmilt.serve: filters served from a Python program over real sockets, with errors visible on stderr."""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted  # type: ignore[import-untyped]
+
+from tests.integration.test_daemon import MTA, ROOT, tcp_connect
+from tests.integration.test_sockets import port_number, stop
+from txmilt import Action, Changes, Milter, serve
+from txmilt.client import connect_milter
+from txmilt.errors import ConfigurationError
+from txmilt.messages import (
+    AddHeader,
+    BodyChunk,
+    Connect,
+    Continue,
+    Data,
+    EndOfHeaders,
+    EndOfMessage,
+    Family,
+    Header,
+    Helo,
+    MailFrom,
+    Quit,
+    RcptTo,
+    TempFail,
+)
+
+WAIT = 10.0
+
+#: A program that serves a filter whose helo raises; with the argument "logging" it begins Twisted logging first.
+PROGRAM = """
+import sys
+from twisted.internet import reactor
+from txmilt import Milter, serve
+
+class Broken(Milter):
+    def helo(self, command):
+        return 1 / 0
+
+if sys.argv[1:] == ["logging"]:
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+serve([Broken], "tcp:0:interface=127.0.0.1").addCallback(lambda port: print("port", port.getHost().port, flush=True))
+reactor.run()
+"""
+
+
+class Stamp(Milter):
+    """Adds ``X-Served: yes`` at end of message."""
+
+    actions = Action.ADD_HEADERS
+
+    def end_of_message(self, changes: Changes) -> None:
+        changes.add_header("X-Served", "yes")
+
+
+async def one_message(reactor: Any, address: str) -> tuple[object, ...]:
+    """Send one message to the milter at ``address``; the end-of-message modifications and verdict."""
+    client = await connect_milter(address, reactor, timeout=WAIT)
+    for command in (Connect("client.example", Family.INET, 40000, "192.0.2.7"), Helo("client.example"),
+                    MailFrom("<a@example.org>"), RcptTo("<b@example.com>"), Data(), Header("Subject", "hi"),
+                    EndOfHeaders(), BodyChunk(b"Hi\r\n")):
+        await client.send(command)
+    reply = await client.send(EndOfMessage())
+    await client.send(Quit())
+    return (*reply.modifications, reply.verdict)
+
+
+@pytest_twisted.ensureDeferred
+async def test_serve_tcp(reactor: Any) -> None:
+    """serve() listens on a strports description with the given limits; a message gets the filter's change."""
+    port = await serve([Stamp], "tcp:0:interface=127.0.0.1", reactor=reactor, max_connections=7)
+    try:
+        assert port.factory.max_connections == 7  # type: ignore[attr-defined]
+        answer = await one_message(reactor, f"inet:{port_number(port)}@127.0.0.1")
+        assert answer == (AddHeader("X-Served", "yes"), Continue())
+    finally:
+        await stop(port)
+
+
+@pytest_twisted.ensureDeferred
+async def test_serve_unix_replaces_stale_socket(reactor: Any, short_dir: Path) -> None:
+    """A libmilter unix address: a stale socket file is removed, the new socket gets mode 660."""
+    path = short_dir / "milter.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()
+    port = await serve([Stamp], f"unix:{path}", reactor=reactor)
+    try:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+        assert await one_message(reactor, f"unix:{path}") == (AddHeader("X-Served", "yes"), Continue())
+    finally:
+        await stop(port)
+
+
+def test_bad_address_fails_at_the_call() -> None:
+    """An address that is not understood raises ConfigurationError before anything listens."""
+    with pytest.raises(ConfigurationError, match="not understood"):
+        serve([Stamp], "8891")
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A short temporary directory for a unix socket (paths are limited to about 100 bytes)."""
+    path = Path(f"/tmp/txmilt-serve-{os.getpid()}")
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()
+
+
+def run_program(*arguments: str) -> tuple[str, str]:
+    """Run PROGRAM, have an MTA send HELO to it (answered TempFail), stop it; its stdout and stderr."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(
+        [sys.executable, "-c", PROGRAM, *arguments], cwd=ROOT, env=env, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    before = ""
+    try:
+        while not before.endswith("\n") or not before.splitlines()[-1].startswith("port "):
+            ready, _, _ = select.select([process.stdout], [], [], WAIT)
+            line = process.stdout.readline() if ready else ""
+            assert line, f"no port announced; output so far: {before!r}"
+            before += line
+        mta = MTA(tcp_connect(int(before.splitlines()[-1].split()[1])))
+        try:
+            mta.negotiate()
+            mta.send(Connect("client.example", Family.INET, 40000, "192.0.2.7"))
+            assert mta.send(Helo("client.example")) == [TempFail()]
+        finally:
+            mta.close()
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=WAIT)
+    return before + out, err
+
+
+def test_errors_on_stderr_without_logging() -> None:
+    """A program that never began logging still sees a filter's traceback on stderr, once."""
+    _, err = run_program()
+    assert err.count("filter Broken failed in helo; using fallback TempFail") == 1, err
+    assert err.count("ZeroDivisionError") == 1, err
+
+
+def test_no_copy_once_logging_began() -> None:
+    """A program that began Twisted logging gets the traceback there only, not also on stderr."""
+    out, err = run_program("logging")
+    assert out.count("filter Broken failed in helo") == 1, out
+    assert "ZeroDivisionError" not in err, err
