@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socketserver
 import threading
 from collections.abc import Callable, Iterator
@@ -39,9 +40,9 @@ class PolicyHandler(socketserver.StreamRequestHandler):
         self.wfile.write(f"action={ANSWERS.get(request.get('recipient', ''), 'DUNNO')}\n\n".encode())
 
 
-@pytest.fixture
-def policy_service() -> Iterator[PolicyServer]:
-    """A PolicyServer running in a thread for the test."""
+@contextlib.contextmanager
+def running_policy_server() -> Iterator[PolicyServer]:
+    """A PolicyServer serving in a thread while the block runs."""
     server = PolicyServer()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -50,6 +51,13 @@ def policy_service() -> Iterator[PolicyServer]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def policy_service() -> Iterator[PolicyServer]:
+    """A PolicyServer for the test."""
+    with running_policy_server() as server:
+        yield server
 
 
 @pytest.fixture

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 
-from tests.integration.test_daemon import MTA, ROOT, tcp_connect
+from tests.integration.test_asyncio import PolicyServer, running_policy_server
+from tests.integration.test_daemon import MTA, ROOT, accepts, free_port, tcp_connect, wait_until
 from tests.integration.test_sockets import port_number, stop
+from tests.test_readme import readme_blocks
 from txmilt import Action, Changes, Milter, serve
 from txmilt.client import connect_milter
 from txmilt.errors import ConfigurationError
@@ -34,6 +36,7 @@ from txmilt.messages import (
     MailFrom,
     Quit,
     RcptTo,
+    Reject,
     TempFail,
 )
 
@@ -124,13 +127,35 @@ def short_dir() -> Iterator[Path]:
         path.rmdir()
 
 
+def start_program(source: str, *arguments: str) -> subprocess.Popen[str]:
+    """Run Python ``source`` from the repository root, its output piped."""
+    return subprocess.Popen(
+        [sys.executable, "-c", source, *arguments], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        text=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def stop_program(process: subprocess.Popen[str]) -> tuple[str, str]:
+    """Terminate the program; what it wrote on stdout and stderr."""
+    process.terminate()
+    return process.communicate(timeout=WAIT)
+
+
+def wait_listening(process: subprocess.Popen[str], port: int) -> None:
+    """Wait until the program accepts connections on 127.0.0.1:port; fail with its output if it exits."""
+
+    def ready() -> bool:
+        if process.poll() is not None:
+            out, err = process.communicate()
+            pytest.fail(f"the program exited with {process.returncode}:\n{out}{err}")
+        return accepts(lambda: tcp_connect(port))
+
+    wait_until(ready, WAIT, "the program to listen")
+
+
 def run_program(*arguments: str) -> tuple[str, str]:
     """Run PROGRAM, have an MTA send HELO to it (answered TempFail), stop it; its stdout and stderr."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen(
-        [sys.executable, "-c", PROGRAM, *arguments], cwd=ROOT, env=env, text=True,
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
+    process = start_program(PROGRAM, *arguments)
     assert process.stdout is not None
     before = ""
     try:
@@ -147,8 +172,7 @@ def run_program(*arguments: str) -> tuple[str, str]:
         finally:
             mta.close()
     finally:
-        process.terminate()
-        out, err = process.communicate(timeout=WAIT)
+        out, err = stop_program(process)
     return before + out, err
 
 
@@ -164,3 +188,61 @@ def test_no_copy_once_logging_began() -> None:
     out, err = run_program("logging")
     assert out.count("filter Broken failed in helo") == 1, out
     assert "ZeroDivisionError" not in err, err
+
+
+def envelope(mta: MTA) -> None:
+    """Negotiate, connect, HELO and MAIL."""
+    mta.negotiate()
+    for command in (Connect("client.example", Family.INET, 40000, "192.0.2.7"), Helo("client.example"),
+                    MailFrom("<a@example.org>")):
+        assert mta.send(command) in ([], [Continue()])
+
+
+def test_readme_serve() -> None:
+    """The README's serve() program, with its NoCasino filter, refuses a casino subject over TCP."""
+    blocks, port = readme_blocks(), free_port()
+    serving = blocks["Serving from Python", 0]
+    assert serving.count("8891") == 1
+    process = start_program(blocks["A filter in ten lines", 0] + serving.replace("8891", str(port)))
+    try:
+        wait_listening(process, port)
+        mta = MTA(tcp_connect(port))
+        try:
+            envelope(mta)
+            for command in (RcptTo("<b@example.com>"), Data(), Header("From", "a@example.org")):
+                assert mta.send(command) in ([], [Continue()])
+            assert mta.send(Header("Subject", "Casino night")) == [
+                Reject("No gambling, please.", code=550, status="5.7.1")
+            ]
+        finally:
+            mta.close()
+    finally:
+        stop_program(process)
+
+
+def test_readme_serve_on_asyncio() -> None:
+    """The README's asyncio serve() program runs the policy example, which asks its service with asyncio."""
+    with running_policy_server() as policy_service:
+        serve_policy_check(policy_service)
+
+
+def serve_policy_check(policy_service: PolicyServer) -> None:
+    """Run the README's asyncio program against ``policy_service`` and send it two recipients."""
+    source, port = readme_blocks()["Serving from Python", 1], free_port()
+    assert source.count("8891") == 1 and source.count("serve([PolicyCheck]") == 1
+    source = source.replace("8891", str(port)).replace(
+        "serve([PolicyCheck]", f"serve([lambda: PolicyCheck(port={policy_service.server_address[1]})]"
+    )
+    process = start_program(source)
+    try:
+        wait_listening(process, port)
+        mta = MTA(tcp_connect(port))
+        try:
+            envelope(mta)
+            assert mta.send(RcptTo("<spam@example.net>")) == [Reject("No spam here")]
+            assert mta.send(RcptTo("<bob@example.net>")) == [Continue()]
+        finally:
+            mta.close()
+    finally:
+        stop_program(process)
+    assert [request["recipient"] for request in policy_service.requests] == ["spam@example.net", "bob@example.net"]
