@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import select
+import queue
 import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ WAIT = 10.0
 #: A program that serves a filter whose helo raises; with the argument "logging" it begins Twisted logging first.
 PROGRAM = """
 import sys
+import threading
 from twisted.internet import reactor
 from txmilt import Milter, serve
 
@@ -157,13 +159,21 @@ def run_program(*arguments: str) -> tuple[str, str]:
     """Run PROGRAM, have an MTA send HELO to it (answered TempFail), stop it; its stdout and stderr."""
     process = start_program(PROGRAM, *arguments)
     assert process.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+
+    def read() -> None:
+        for line in process.stdout or ():
+            lines.put(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     before = ""
     try:
         while not before.endswith("\n") or not before.splitlines()[-1].startswith("port "):
-            ready, _, _ = select.select([process.stdout], [], [], WAIT)
-            line = process.stdout.readline() if ready else ""
-            assert line, f"no port announced; output so far: {before!r}"
-            before += line
+            try:
+                before += lines.get(timeout=WAIT)
+            except queue.Empty:
+                pytest.fail(f"no port announced; output so far: {before!r}")
         mta = MTA(tcp_connect(int(before.splitlines()[-1].split()[1])))
         try:
             mta.negotiate()
@@ -172,8 +182,12 @@ def run_program(*arguments: str) -> tuple[str, str]:
         finally:
             mta.close()
     finally:
-        out, err = stop_program(process)
-    return before + out, err
+        process.terminate()
+        process.wait(WAIT)
+        reader.join(WAIT)
+    while not lines.empty():
+        before += lines.get()
+    return before, process.stderr.read() if process.stderr else ""
 
 
 def test_errors_on_stderr_without_logging() -> None:
