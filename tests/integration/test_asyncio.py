@@ -6,12 +6,12 @@ import contextlib
 import socketserver
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.integration import test_daemon
 from tests.integration.test_daemon import MTA, Daemon, free_port, tcp_connect
+from tests.integration.test_daemon import daemon as daemon  # the fixture
 from txmilt.messages import AddHeader, Connect, Continue, Family, Helo, Macros, MailFrom, RcptTo, Reject, TempFail
 
 ANSWERS = {"spam@example.net": "REJECT No spam here"}
@@ -60,20 +60,6 @@ def policy_service() -> Iterator[PolicyServer]:
         yield server
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
-    """Make a twistd Daemon for the test; killed afterwards."""
-    made: list[Daemon] = []
-
-    def make(config: str) -> Daemon:
-        made.append(Daemon(tmp_path, config))
-        return made[-1]
-
-    yield make
-    for one in made:
-        one.kill()
-
-
 def config(port: int, policy_port: int) -> str:
     """The asyncio Sleeper and the policy_check example, listening on 127.0.0.1:port."""
     return f"""
@@ -102,18 +88,24 @@ def start_envelope(mta: MTA) -> None:
         assert mta.send(command) in ([], [Continue()]), command
 
 
-def test_asyncio_reactor(
-    daemon: Callable[[str], Daemon], policy_service: PolicyServer, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """On the asyncio reactor a callback awaits asyncio.sleep and an asyncio client (the policy example)."""
-    monkeypatch.setattr(test_daemon, "TWISTD", [*test_daemon.TWISTD, "--reactor=asyncio"])
+def start_message(daemon: Callable[[str], Daemon], policy_service: PolicyServer) -> tuple[Daemon, MTA]:
+    """Start twistd with the Sleeper and the policy example; an MTA connected to it, its message begun."""
     port = free_port()
     milter = daemon(config(port, policy_service.server_address[1]))
     milter.start()
     milter.wait_listening(lambda: tcp_connect(port))
     mta = MTA(tcp_connect(port))
+    start_envelope(mta)
+    return milter, mta
+
+
+def test_asyncio_reactor(
+    daemon: Callable[[str], Daemon], policy_service: PolicyServer, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the asyncio reactor a callback awaits asyncio.sleep and an asyncio client (the policy example)."""
+    monkeypatch.setattr(test_daemon, "TWISTD", [*test_daemon.TWISTD, "--reactor=asyncio"])
+    milter, mta = start_message(daemon, policy_service)
     try:
-        start_envelope(mta)
         assert mta.send(RcptTo("<spam@example.net>")) == [Reject("No spam here")]
         assert mta.send(RcptTo("<bob@example.net>")) == [Continue()]
         responses = mta.finish_message()
@@ -132,13 +124,8 @@ def test_default_reactor_advice(
     daemon: Callable[[str], Daemon], policy_service: PolicyServer,
 ) -> None:
     """On the default reactor the asyncio callback gets its fallback, and the log says to use --reactor=asyncio."""
-    port = free_port()
-    milter = daemon(config(port, policy_service.server_address[1]))
-    milter.start()
-    milter.wait_listening(lambda: tcp_connect(port))
-    mta = MTA(tcp_connect(port))
+    milter, mta = start_message(daemon, policy_service)
     try:
-        start_envelope(mta)
         assert mta.send(RcptTo("<bob@example.net>")) == [TempFail()]
     finally:
         mta.close()

@@ -8,15 +8,15 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 
-from tests.integration.test_asyncio import PolicyServer, running_policy_server
+from tests.integration.test_asyncio import PolicyServer, running_policy_server, start_envelope
 from tests.integration.test_daemon import MTA, ROOT, accepts, free_port, tcp_connect, wait_until
 from tests.integration.test_sockets import port_number, stop
 from tests.test_readme import readme_blocks
@@ -46,6 +46,7 @@ WAIT = 10.0
 #: A program that serves a filter whose helo raises; with the argument "logging" it begins Twisted logging first.
 PROGRAM = """
 import sys
+import tempfile
 import threading
 from twisted.internet import reactor
 from txmilt import Milter, serve
@@ -96,37 +97,25 @@ async def test_serve_tcp(reactor: Any) -> None:
 
 
 @pytest_twisted.ensureDeferred
-async def test_serve_unix_replaces_stale_socket(reactor: Any, short_dir: Path) -> None:
+async def test_serve_unix_replaces_stale_socket(reactor: Any) -> None:
     """A libmilter unix address: a stale socket file is removed, the new socket gets mode 660."""
-    path = short_dir / "milter.sock"
-    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    stale.bind(str(path))
-    stale.close()
-    port = await serve([Stamp], f"unix:{path}", reactor=reactor)
-    try:
-        assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
-        assert await one_message(reactor, f"unix:{path}") == (AddHeader("X-Served", "yes"), Continue())
-    finally:
-        await stop(port)
+    with tempfile.TemporaryDirectory(prefix="txmilt-", dir="/tmp") as directory:  # short: sun_path is ~100 bytes
+        path = Path(directory) / "milter.sock"
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(path))
+        stale.close()
+        port = await serve([Stamp], f"unix:{path}", reactor=reactor)
+        try:
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+            assert await one_message(reactor, f"unix:{path}") == (AddHeader("X-Served", "yes"), Continue())
+        finally:
+            await stop(port)
 
 
 def test_bad_address_fails_at_the_call() -> None:
     """An address that is not understood raises ConfigurationError before anything listens."""
     with pytest.raises(ConfigurationError, match="not understood"):
         serve([Stamp], "8891")
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A short temporary directory for a unix socket (paths are limited to about 100 bytes)."""
-    path = Path(f"/tmp/txmilt-serve-{os.getpid()}")
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
 
 
 def start_program(source: str, *arguments: str) -> subprocess.Popen[str]:
@@ -204,14 +193,6 @@ def test_no_copy_once_logging_began() -> None:
     assert "ZeroDivisionError" not in err, err
 
 
-def envelope(mta: MTA) -> None:
-    """Negotiate, connect, HELO and MAIL."""
-    mta.negotiate()
-    for command in (Connect("client.example", Family.INET, 40000, "192.0.2.7"), Helo("client.example"),
-                    MailFrom("<a@example.org>")):
-        assert mta.send(command) in ([], [Continue()])
-
-
 def test_readme_serve() -> None:
     """The README's serve() program, with its NoCasino filter, refuses a casino subject over TCP."""
     blocks, port = readme_blocks(), free_port()
@@ -222,7 +203,7 @@ def test_readme_serve() -> None:
         wait_listening(process, port)
         mta = MTA(tcp_connect(port))
         try:
-            envelope(mta)
+            start_envelope(mta)
             for command in (RcptTo("<b@example.com>"), Data(), Header("From", "a@example.org")):
                 assert mta.send(command) in ([], [Continue()])
             assert mta.send(Header("Subject", "Casino night")) == [
@@ -252,7 +233,7 @@ def serve_policy_check(policy_service: PolicyServer) -> None:
         wait_listening(process, port)
         mta = MTA(tcp_connect(port))
         try:
-            envelope(mta)
+            start_envelope(mta)
             assert mta.send(RcptTo("<spam@example.net>")) == [Reject("No spam here")]
             assert mta.send(RcptTo("<bob@example.net>")) == [Continue()]
         finally:
