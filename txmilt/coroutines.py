@@ -20,8 +20,16 @@ from txmilt.errors import EventLoopError
 
 #: How asyncio's errors begin when a coroutine awaits it with no asyncio loop running.
 _ASYNCIO_WITHOUT_LOOP = ("no running event loop", "await wasn't used with future", "There is no current event loop")
+_ASYNCIO_ADVICE = (
+    "{name} awaited asyncio, which needs Twisted's asyncio reactor: run `twistd --reactor=asyncio milter ...`"
+    " (from Python, call twisted.internet.asyncioreactor.install() before anything imports the reactor)"
+)
 #: How an asyncio task's error begins when its coroutine awaits a Deferred that has not fired.
-_DEFERRED_IN_TASK = "Task got bad yield: <Deferred"
+_DEFERRED_IN_TASK = ("Task got bad yield: <Deferred",)
+_DEFERRED_ADVICE = (
+    "{name} awaited a Twisted Deferred, but on the asyncio reactor callbacks run as asyncio tasks:"
+    " await deferred.asFuture(asyncio.get_running_loop()) instead"
+)
 
 
 def coroutine_deferred(coroutine: Coroutine[Any, Any, Any]) -> Deferred[Any]:
@@ -30,16 +38,10 @@ def coroutine_deferred(coroutine: Coroutine[Any, Any, Any]) -> Deferred[Any]:
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
-        return Deferred.fromCoroutine(coroutine).addErrback(_explained, name, _ASYNCIO_WITHOUT_LOOP, (
-            f"{name} awaited asyncio, which needs Twisted's asyncio reactor: run"
-            " `twistd --reactor=asyncio milter ...` (from Python, call"
-            " twisted.internet.asyncioreactor.install() before anything imports the reactor)"
-        ))
+        return Deferred.fromCoroutine(coroutine).addErrback(_explained, name, _ASYNCIO_WITHOUT_LOOP, _ASYNCIO_ADVICE)
     task = asyncio.ensure_future(coroutine, loop=loop)
-    return Deferred.fromFuture(task).addErrback(_twisted_cancel).addErrback(_explained, name, (_DEFERRED_IN_TASK,), (
-        f"{name} awaited a Twisted Deferred, but on the asyncio reactor callbacks run as asyncio tasks:"
-        " await deferred.asFuture(asyncio.get_running_loop()) instead"
-    ))
+    running = Deferred.fromFuture(task).addErrback(_twisted_cancel)
+    return running.addErrback(_explained, name, _DEFERRED_IN_TASK, _DEFERRED_ADVICE)
 
 
 def _twisted_cancel(failure: Failure) -> Failure:
@@ -52,5 +54,5 @@ def _twisted_cancel(failure: Failure) -> Failure:
 def _explained(failure: Failure, name: str, symptoms: tuple[str, ...], advice: str) -> Failure:
     """The failure, or an EventLoopError with ``advice`` if it shows the coroutine awaited the wrong loop."""
     if failure.check(RuntimeError) and str(failure.value).startswith(symptoms):
-        return Failure(EventLoopError(advice))
+        return Failure(EventLoopError(advice.format(name=name)))
     return failure

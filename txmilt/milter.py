@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import IO, Any, ClassVar, TypeAlias
 
@@ -83,7 +84,7 @@ def _check_type(signature: str, argument: str, value: object, expected: type | t
         return
     names = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
     raise ArgumentTypeError(
-        f"Changes.{signature}: {argument} must be {names}, not {type(value).__name__} {value!r}"
+        f"Changes.{signature}: {argument} must be {names}, not {type(value).__name__} {reprlib.repr(value)}"
     )
 
 
@@ -217,7 +218,7 @@ class Changes:
 
 def _esmtp_args(signature: str, args: Sequence[str]) -> tuple[str, ...]:
     if isinstance(args, str) or not isinstance(args, Sequence):
-        given = f"the string {args!r}" if isinstance(args, str) else f"{type(args).__name__} {args!r}"
+        given = f"the string {args!r}" if isinstance(args, str) else f"{type(args).__name__} {reprlib.repr(args)}"
         raise ArgumentTypeError(
             f"Changes.{signature}: args must be a sequence of strings such as ['NOTIFY=NEVER'], not {given}"
         )
