@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import email
 import email.policy
 import functools
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -53,6 +56,27 @@ class ExampleInterfaceTests(SynchronousTestCase):
         self.assertEqual([r for r, _ in result.recipients], ["<alice@example.com>", "<bob@example.com>"])
         self.assertIn("X-Filtered-By", [name for name, _ in result.headers])
         self.assertIn(b"checked by txmilt", result.body)
+
+
+class ExampleImportTests(SynchronousTestCase):
+    def test_examples_import_from_txmilt_only(self) -> None:
+        """The examples import txmilt names from the package itself, as the README does."""
+        for path in EXAMPLE_CONFIG.parent.glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("txmilt"):
+                    self.assertEqual(node.module, "txmilt", path.name)
+                if isinstance(node, ast.Import):
+                    self.assertFalse([a.name for a in node.names if a.name.startswith("txmilt")], path.name)
+
+    def test_package_names_load_lazily(self) -> None:
+        """``import txmilt`` loads no Twisted, and reaching txmilt.serve installs no reactor."""
+        code = (
+            "import sys, txmilt; assert 'twisted' not in sys.modules, 'twisted imported';"
+            "txmilt.serve; txmilt.Milter; assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=EXAMPLE_CONFIG.parent.parent)
+        self.assertEqual(done.returncode, 0, done.stderr)
 
 
 class HeaderStampTests(SynchronousTestCase):
