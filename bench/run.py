@@ -91,11 +91,14 @@ class Target:
     env: dict[str, str] | None = None
     expect_headers: int = 1
     unavailable: str | None = None
+    workloads: tuple[Workload, ...] = SINGLE_WORKLOADS  # the single-filter workloads it runs (and W4 if all)
 
 
-def txmilt_command(*filters: str) -> list[str]:
-    """``twistd -n milter`` for ``filters`` with the interpreter running this script."""
-    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile=", "milter"]
+def txmilt_command(*filters: str, reactor: str | None = None) -> list[str]:
+    """``twistd -n milter`` for ``filters`` with the interpreter running this script, on ``reactor`` if given."""
+    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
+    command += [f"--reactor={reactor}"] if reactor else []
+    command += ["milter"]
     for name in filters:
         command += ["--filter", f"bench.filters:{name}"]
     listen = ["--listen", "tcp:{port}:interface=127.0.0.1"]
@@ -119,6 +122,7 @@ def make_targets(python: Path, unavailable: dict[str, str]) -> tuple[list[Target
     env = txmilt_env()
     singles = [
         Target("txmilt", [txmilt_command("BenchFilter")], env),
+        Target("txmilt-asyncio", [txmilt_command("BenchFilter", reactor="asyncio")], env, workloads=(W1_C32,)),
         Target("pymilter", [peer_command(python, "pymilter_filter.py")], unavailable=unavailable.get("pymilter")),
         Target(
             "purepythonmilter", [peer_command(python, "purepythonmilter_filter.py")],
@@ -595,6 +599,7 @@ def report(
     held = min((i.held for i in idle_txmilt), default=0)
     ratios: dict[str, float | None] = {
         "W1 c=32 txmilt/pymilter msg/s": ratio(value("W1 c=32", "txmilt"), value("W1 c=32", "pymilter")),
+        "W1 c=32 asyncio/default reactor msg/s": ratio(value("W1 c=32", "txmilt-asyncio"), value("W1 c=32", "txmilt")),
         "W2 txmilt/pymilter msg/s": ratio(value("W2", "txmilt"), value("W2", "pymilter")),
         "W3 txmilt/pymilter msg/s": ratio(value("W3", "txmilt"), value("W3", "pymilter")),
         "W5 chain3/chain1 msg/s": ratio(value("W5", "txmilt chainx3"), value("W5", "txmilt chainx1")),
@@ -607,6 +612,8 @@ def report(
     print(f"  txmilt / pymilter msg/s:   W1 c=32 {fmt_ratio(ratios['W1 c=32 txmilt/pymilter msg/s'])}"
           f"   W2 {fmt_ratio(ratios['W2 txmilt/pymilter msg/s'])}"
           f"   W3 {fmt_ratio(ratios['W3 txmilt/pymilter msg/s'])}", file=out)
+    print(f"  txmilt on the asyncio reactor / default reactor msg/s at W1 c=32:"
+          f" {fmt_ratio(ratios['W1 c=32 asyncio/default reactor msg/s'])}", file=out)
     print(f"  W5 msg/s:                  chainx3 / chainx1 {fmt_ratio(ratios['W5 chain3/chain1 msg/s'])}"
           f"   chainx3 / pymilterx3 {fmt_ratio(ratios['W5 chain3/pymilterx3 msg/s'])}", file=out)
     cpu_t, cpu_p = ratios["W1 c=32 txmilt CPU ms/msg"], ratios["W1 c=32 pymilter CPU ms/msg"]
@@ -618,6 +625,7 @@ def report(
     checks = [
         Check("W1 c=32 txmilt msg/s vs pymilter", ratios["W1 c=32 txmilt/pymilter msg/s"], 1.2, "x"),
         Check("W1 c=32 txmilt CPU per message", cpu_t, 0.6, " ms", at_most=True),
+        Check("W1 c=32 txmilt asyncio reactor vs default", ratios["W1 c=32 asyncio/default reactor msg/s"], 0.9, "x"),
         Check("W2 txmilt msg/s vs pymilter", ratios["W2 txmilt/pymilter msg/s"], 0.9, "x"),
         Check("W3 txmilt msg/s vs pymilter", ratios["W3 txmilt/pymilter msg/s"], 1.0, "x"),
         Check(f"W4 txmilt RSS per idle connection ({held} held)",
@@ -762,7 +770,8 @@ def interleaved(
     for run in range(runs):
         for workload in SINGLE_WORKLOADS:
             for target in singles:
-                yield run, workload, target
+                if workload in target.workloads:
+                    yield run, workload, target
         for target in chains:
             yield run, W5, target
 
@@ -798,7 +807,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     singles, chains = make_targets(python, unavailable)
     if options.only:
-        keep = {"txmilt", *options.only}
+        keep = {"txmilt", "txmilt-asyncio", *options.only}
         singles = [t for t in singles if t.key in keep]
         chains = [t for t in chains if "txmilt" in t.key or "pymilter" in keep]
     for target in (*singles, *chains):
@@ -848,7 +857,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         within = 45.0 if options.quick else 120.0
         for run in range(options.w4_runs):
             for target in singles:
-                if target.key not in running or target.key in unavailable:
+                if target.key not in running or target.key in unavailable or target.workloads != SINGLE_WORKLOADS:
                     continue
                 say(f"W4 run {run + 1}: {connections} idle connections on {target.key}")
                 try:

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from txmilt.messages import Action, MailFrom, RcptTo
-from txmilt.milter import Changes, Milter, Result
-
-
-def _bare(address: str) -> str:
-    return address.strip().strip("<>").lower()
+from txmilt import Action, Changes, Milter, RcptTo, Result
 
 
 class AliasRewriter(Milter):
@@ -19,15 +14,11 @@ class AliasRewriter(Milter):
 
     def __init__(self, aliases: Mapping[str, Sequence[str]] | None = None) -> None:
         table = aliases if aliases is not None else {"sales@example.com": ["alice@example.com", "bob@example.com"]}
-        self.aliases = {_bare(alias): tuple(targets) for alias, targets in table.items()}
-        self.rewrites: list[tuple[str, tuple[str, ...]]] = []
-
-    def mail_from(self, command: MailFrom) -> Result:
-        self.rewrites = []
-        return None
+        self.aliases = {alias.lower(): tuple(targets) for alias, targets in table.items()}
+        self.rewrites: list[tuple[str, tuple[str, ...]]] = []  # per message: cleared in reset()
 
     def rcpt_to(self, command: RcptTo) -> Result:
-        targets = self.aliases.get(_bare(command.address))
+        targets = self.aliases.get(command.mailbox.lower())
         if targets:
             self.rewrites.append((command.address, targets))
         return None
@@ -37,9 +28,8 @@ class AliasRewriter(Milter):
             changes.delete_recipient(alias)
             for target in targets:
                 changes.add_recipient(f"<{target}>")
-        self.rewrites = []
         return None
 
-    def abort(self) -> Result:
+    def reset(self) -> Result:
         self.rewrites = []
         return None

@@ -8,8 +8,7 @@ import re
 from email.message import Message
 from email.parser import BytesHeaderParser
 
-from txmilt.messages import Action, BodyChunk, Header, MailFrom
-from txmilt.milter import Changes, Milter, Result
+from txmilt import Action, BodyChunk, Changes, Header, Milter, Result
 
 _FINAL_BOUNDARY = "--{boundary}--"
 
@@ -26,15 +25,12 @@ class Disclaimer(Milter):
     def __init__(self, footer: str = "This message was checked by txmilt.", max_body: int = 10 * 1024 * 1024) -> None:
         self.footer = footer
         self.max_body = max_body
-        self._reset()
+        self.reset()
 
-    def _reset(self) -> None:
+    def reset(self) -> Result:
         self.headers: list[tuple[str, str]] = []
         self.chunks: list[bytes] = []
         self.size = 0
-
-    def mail_from(self, command: MailFrom) -> Result:
-        self._reset()
         return None
 
     def header(self, command: Header) -> Result:
@@ -54,11 +50,6 @@ class Disclaimer(Milter):
             new = self.with_footer(self._head(), body)
             if new is not None and new != body:
                 changes.replace_body(new)
-        self._reset()
-        return None
-
-    def abort(self) -> Result:
-        self._reset()
         return None
 
     def _head(self) -> Message:

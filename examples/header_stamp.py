@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from txmilt.messages import Action, Connect, MacroStage
-from txmilt.milter import Changes, Milter, Result
+from txmilt import Action, Changes, Connect, MacroStage, Milter, Result
 
 
 class HeaderStamp(Milter):

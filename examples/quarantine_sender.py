@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from txmilt.messages import Action, MailFrom
-from txmilt.milter import Changes, Milter, Result
+from txmilt import Action, Changes, MailFrom, Milter, Result
 
 
 class QuarantineSender(Milter):
@@ -15,11 +14,10 @@ class QuarantineSender(Milter):
 
     def __init__(self, domains: Iterable[str] = ("suspicious.example",)) -> None:
         self.domains = {domain.lower().lstrip("@") for domain in domains}
-        self.reason: str | None = None
+        self.reason: str | None = None  # per message: cleared in reset()
 
     def mail_from(self, command: MailFrom) -> Result:
-        address = command.address.strip("<>").lower()
-        domain = address.rpartition("@")[2]
+        domain = command.domain.lower()
         matched = domain in self.domains or any(domain.endswith("." + d) for d in self.domains)
         self.reason = f"sender domain {domain} is quarantined" if matched else None
         return None
@@ -27,4 +25,8 @@ class QuarantineSender(Milter):
     def end_of_message(self, changes: Changes) -> Result:
         if self.reason:
             changes.quarantine(self.reason)
+        return None
+
+    def reset(self) -> Result:
+        self.reason = None
         return None

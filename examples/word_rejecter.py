@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from txmilt.messages import BodyChunk, Header, MailFrom, Reject, Skip
-from txmilt.milter import Changes, Milter, Result
+from txmilt import BodyChunk, Header, Milter, Reject, Result, Skip
 
 #: Bytes of body kept across chunk boundaries so a match split over two chunks is still found.
 _OVERLAP = 1024
@@ -23,15 +22,11 @@ class WordRejecter(Milter):
         self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns), re.IGNORECASE)
         self.binary = re.compile(self.pattern.pattern.encode(), re.IGNORECASE)
         self.reply = tuple(reply)
-        self.tail = b""
+        self.tail = b""  # per message: cleared in reset()
 
     def _refuse(self, where: str, found: str) -> Reject:
         lines = (f"Rejected: {where} contains {found!r}.", *self.reply)
         return Reject(lines, code=550, status="5.7.1")
-
-    def mail_from(self, command: MailFrom) -> Result:
-        self.tail = b""
-        return None
 
     def header(self, command: Header) -> Result:
         if command.name.lower() == "subject" and (match := self.pattern.search(command.value)):
@@ -45,7 +40,7 @@ class WordRejecter(Milter):
         self.tail = window[-_OVERLAP:]
         return None
 
-    def end_of_message(self, changes: Changes) -> Result:
+    def reset(self) -> Result:
         self.tail = b""
         return None
 

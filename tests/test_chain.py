@@ -1134,10 +1134,10 @@ class EndOfMessageTests(ChainCase):
         """Filter 1 inserts X-A at 0; filter 2's change of the original X-A #1 goes out as #2."""
 
         def second(changes: Changes) -> None:
-            changes.change_header("X-A", "changed", 1)
+            changes.change_header("X-A", "changed", index=1)
 
         chain = self.chain(
-            ScriptedHeaderEditor(lambda changes: changes.insert_header(0, "X-A", "new")),
+            ScriptedHeaderEditor(lambda changes: changes.insert_header("X-A", "new", index=0)),
             ScriptedHeaderEditor(second),
         )
         self.now(chain, MailFrom("<s@example.com>"))
@@ -1149,8 +1149,8 @@ class EndOfMessageTests(ChainCase):
     def test_two_deletes_rebased(self) -> None:
         """Filter 1 deletes Received #1, filter 2 deletes Received #2: the second goes out as #1."""
         chain = self.editors(
-            {"end_of_message": lambda c: c.delete_header("Received", 1)},
-            {"end_of_message": lambda c: c.delete_header("Received", 2)},
+            {"end_of_message": lambda c: c.delete_header("Received", index=1)},
+            {"end_of_message": lambda c: c.delete_header("Received", index=2)},
         )
         self.open_message(chain)
         self.send_headers(chain, ("Received", "from a"), ("Received", "from b"))
@@ -1162,7 +1162,7 @@ class EndOfMessageTests(ChainCase):
         """Filter 2's insert right after a header filter 1 deleted lands where that header was."""
         chain = self.editors(
             {"end_of_message": lambda c: c.delete_header("X-Gone")},
-            {"end_of_message": lambda c: c.insert_header(3, "X-New", "v")},
+            {"end_of_message": lambda c: c.insert_header("X-New", "v", index=3)},
         )
         self.open_message(chain)
         self.send_headers(chain, ("Subject", "hi"), ("X-Gone", "bye"), ("To", "r@example.com"))
@@ -1173,8 +1173,8 @@ class EndOfMessageTests(ChainCase):
     def test_headers_forgotten_between_messages(self) -> None:
         """Rebasing uses only the current message's headers."""
         chain = self.editors(
-            {"end_of_message": lambda c: c.delete_header("Received", 1)},
-            {"end_of_message": lambda c: c.delete_header("Received", 2)},
+            {"end_of_message": lambda c: c.delete_header("Received", index=1)},
+            {"end_of_message": lambda c: c.delete_header("Received", index=2)},
         )
         self.open_message(chain)
         self.send_headers(chain, ("Received", "from a"), ("Received", "from b"))

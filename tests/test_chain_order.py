@@ -143,7 +143,7 @@ class AfterChangesTests(SynchronousTestCase):
         """The replay shows the message exactly as the earlier filters left it; its own changes apply after."""
 
         def first(changes: Changes) -> None:
-            changes.insert_header(1, "X-First", "1")
+            changes.insert_header("X-First", "1", 1)
             changes.change_header("Subject", "changed by first")
 
         def second(changes: Changes) -> None:
@@ -155,7 +155,7 @@ class AfterChangesTests(SynchronousTestCase):
 
             def end_of_message(self, changes: Changes) -> Result:
                 self.final = list(self.headers), self.body_seen
-                changes.insert_header(0, "X-Signature", f"{len(self.headers)} headers, {len(self.body_seen)} bytes")
+                changes.insert_header("X-Signature", f"{len(self.headers)} headers, {len(self.body_seen)} bytes", 0)
                 changes.delete_header("X-First")  # a header only the edited message has
                 return None
 

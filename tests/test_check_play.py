@@ -134,7 +134,9 @@ class CheckTests(CheckTestCase):
         milter = report["milters"][0]
         self.assertIn("QUARANTINE", milter["actions"])
         # The milter's names, then the MTAs' defaults, which a requested list would otherwise replace.
-        self.assertEqual(milter["macros"], {"connect": ["{client_addr}", "j", "{daemon_name}", "{daemon_addr}", "v", "_", "{if_name}", "{if_addr}"]})
+        self.assertEqual(milter["macros"], {"connect": [
+            "{client_addr}", "j", "{daemon_name}", "{daemon_addr}", "v", "_", "{if_name}", "{if_addr}",
+        ]})
         connect = report["stages"][0]
         self.assertEqual((connect["command"], connect["reply"]), ("CONNECT", "continue"))
         self.assertEqual(connect["macros"], {

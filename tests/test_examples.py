@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ast
+import asyncio
 import base64
 import email
 import email.policy
 import functools
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,11 +19,12 @@ from zope.interface.verify import verifyObject
 from examples.alias_rewriter import AliasRewriter
 from examples.disclaimer import Disclaimer
 from examples.header_stamp import HeaderStamp
+from examples.policy_check import PolicyCheck, verdict
 from examples.quarantine_sender import QuarantineSender
 from examples.word_rejecter import SubjectOnlyRejecter, WordRejecter
 from txmilt.config import read_config
 from txmilt.interfaces import IMilter
-from txmilt.messages import Continue, Reject, Skip
+from txmilt.messages import Continue, MailFrom, Reject, Response, Skip, TempFail
 from txmilt.testing import FakeMTA
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parent.parent / "examples" / "milter.toml"
@@ -30,7 +36,8 @@ HEADERS = [("From", "Alice <alice@example.com>"), ("Subject", "Lunch")]
 class ExampleInterfaceTests(SynchronousTestCase):
     def test_all_provide_imilter(self) -> None:
         """Every example filter provides IMilter."""
-        for cls in (HeaderStamp, WordRejecter, SubjectOnlyRejecter, AliasRewriter, Disclaimer, QuarantineSender):
+        for cls in (HeaderStamp, WordRejecter, SubjectOnlyRejecter, AliasRewriter, Disclaimer, QuarantineSender,
+                    PolicyCheck):
             self.assertTrue(verifyObject(IMilter, cls()))
 
     def test_example_config_loads(self) -> None:
@@ -49,6 +56,27 @@ class ExampleInterfaceTests(SynchronousTestCase):
         self.assertEqual([r for r, _ in result.recipients], ["<alice@example.com>", "<bob@example.com>"])
         self.assertIn("X-Filtered-By", [name for name, _ in result.headers])
         self.assertIn(b"checked by txmilt", result.body)
+
+
+class ExampleImportTests(SynchronousTestCase):
+    def test_examples_import_from_txmilt_only(self) -> None:
+        """The examples import txmilt names from the package itself, as the README does."""
+        for path in EXAMPLE_CONFIG.parent.glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("txmilt"):
+                    self.assertEqual(node.module, "txmilt", path.name)
+                if isinstance(node, ast.Import):
+                    self.assertFalse([a.name for a in node.names if a.name.startswith("txmilt")], path.name)
+
+    def test_package_names_load_lazily(self) -> None:
+        """``import txmilt`` loads no Twisted, and reaching txmilt.serve installs no reactor."""
+        code = (
+            "import sys, txmilt; assert 'twisted' not in sys.modules, 'twisted imported';"
+            "txmilt.serve; txmilt.Milter; assert 'twisted.internet.reactor' not in sys.modules, 'reactor installed'"
+        )
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                              cwd=EXAMPLE_CONFIG.parent.parent)
+        self.assertEqual(done.returncode, 0, done.stderr)
 
 
 class HeaderStampTests(SynchronousTestCase):
@@ -101,6 +129,12 @@ class WordRejecterTests(SynchronousTestCase):
         result = FakeMTA([rejecter]).message(SENDER, RCPT, HEADERS, b"x\r\n")
         assert isinstance(result.verdict, Reject)
         self.assertEqual(result.verdict.text[-1], "Not hungry.")
+
+    def test_state_reset_between_messages(self) -> None:
+        """The body kept from one message does not join the next one's (reset() clears it)."""
+        mta = FakeMTA([WordRejecter])
+        self.assertEqual(mta.message(SENDER, RCPT, HEADERS, b"ends with via").verdict, Continue())
+        self.assertEqual(mta.message(SENDER, RCPT, HEADERS, b"gra starts this one").verdict, Continue())
 
     def test_subject_only_skips_body(self) -> None:
         """SubjectOnlyRejecter answers the first body chunk with Skip."""
@@ -194,3 +228,99 @@ class DisclaimerTests(SynchronousTestCase):
         small = functools.partial(Disclaimer, max_body=10)
         result = FakeMTA([small]).message(SENDER, RCPT, HEADERS, b"0123456789abcdef\r\n")
         self.assertEqual(result.body, b"0123456789abcdef\r\n")
+
+
+#: What the test policy service answers for each recipient (DUNNO for the others).
+POLICY_ANSWERS = {
+    "spam@example.net": "REJECT No spam here",
+    "grey@example.net": "DEFER_IF_PERMIT Greylisted, try again later",
+    "custom@example.net": "554 5.7.1 Not this one",
+}
+
+
+class PolicyService:
+    """A Postfix policy service for one test: answers by recipient, records the requests."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = {}
+        while line := (await reader.readline()).decode().strip():
+            name, _, value = line.partition("=")
+            request[name] = value
+        self.requests.append(request)
+        writer.write(f"action={POLICY_ANSWERS.get(request['recipient'], 'DUNNO')}\n\n".encode())
+        await writer.drain()
+        writer.close()
+
+
+class PolicyCheckTests(SynchronousTestCase):
+    def test_actions(self) -> None:
+        """Policy actions become verdicts; the rest (OK, DUNNO, PREPEND, ...) continue."""
+        cases = {
+            "DUNNO": None,
+            "OK": None,
+            "PREPEND X-Seen: yes": None,
+            "DEFER_IF_REJECT maybe": None,
+            "REJECT": Reject(),
+            "reject Go away": Reject("Go away"),
+            "REJECT 5.7.2 Go away": Reject("Go away", status="5.7.2"),
+            "DEFER": TempFail(),
+            "DEFER_IF_PERMIT Greylisted": TempFail("Greylisted"),
+            "554 5.7.1 Not here": Reject("Not here", code=554, status="5.7.1"),
+            "450 Later": TempFail("Later", code=450),
+            "550": Reject("", code=550),
+        }
+        for action, expected in cases.items():
+            self.assertEqual(verdict(action), expected, action)
+
+    def run_with_service(self, drive: Callable[[PolicyService, int], Awaitable[None]]) -> PolicyService:
+        """Start a policy service on a free port and run ``drive`` on an asyncio loop, as the asyncio reactor would."""
+        service = PolicyService()
+
+        async def main() -> None:
+            server = await asyncio.start_server(service.serve, "127.0.0.1", 0)
+            async with server:
+                await drive(service, server.sockets[0].getsockname()[1])
+
+        asyncio.run(main())
+        return service
+
+    def test_recipients_judged_by_the_service(self) -> None:
+        """Each RCPT is asked about with the client, HELO and the sender without brackets; refusals follow."""
+        replies: list[list[Response]] = []
+
+        async def drive(service: PolicyService, port: int) -> None:
+            mta = FakeMTA([functools.partial(PolicyCheck, port=port)], macros={"{client_addr}": "192.0.2.7"})
+            mta.connect("client.example", "192.0.2.7")
+            mta.helo("client.example")
+            mta.mail_from("<Alice@Example.com>")
+            for rcpt in ("<bob@example.net>", "<spam@example.net>", "<grey@example.net>", "<custom@example.net>"):
+                mta.rcpt_to(rcpt)
+                for _ in range(500):
+                    if arrived := mta.collect():
+                        replies.append(arrived)
+                        break
+                    await asyncio.sleep(0.01)
+
+        service = self.run_with_service(drive)
+        self.assertEqual(replies, [
+            [Continue()], [Reject("No spam here")], [TempFail("Greylisted, try again later")],
+            [Reject("Not this one", code=554, status="5.7.1")],
+        ])
+        first = service.requests[0]
+        self.assertEqual(
+            {key: first[key] for key in ("request", "protocol_state", "client_address", "client_name", "helo_name",
+                                         "sender", "recipient")},
+            {"request": "smtpd_access_policy", "protocol_state": "RCPT", "client_address": "192.0.2.7",
+             "client_name": "client.example", "helo_name": "client.example", "sender": "Alice@Example.com",
+             "recipient": "bob@example.net"},
+        )
+
+    def test_sender_cleared_between_messages(self) -> None:
+        """reset() forgets the sender, so a message without MAIL's sender does not inherit it."""
+        filter_ = PolicyCheck()
+        filter_.mail_from(MailFrom("<a@example.com>"))
+        filter_.reset()
+        self.assertEqual(filter_.sender, "")

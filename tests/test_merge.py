@@ -274,8 +274,8 @@ class MergeChangesTests(SynchronousTestCase):
     def test_insert_above_shifts_change(self) -> None:
         """Filter 1 inserts X-A at the top; filter 2's change of the original X-A #1 becomes #2."""
         first, second = recorder(), recorder()
-        first.insert_header(0, "X-A", "new")
-        second.change_header("X-A", "changed", 1)
+        first.insert_header("X-A", "new", index=0)
+        second.change_header("X-A", "changed", index=1)
         merged = merge_changes([("Subject", "hi"), ("X-A", "old")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(InsertHeader(0, "X-A", "new"), ChangeHeader(2, "X-A", "changed")))
         self.assertEqual(merged.warnings, [])
@@ -283,16 +283,16 @@ class MergeChangesTests(SynchronousTestCase):
     def test_insert_case_insensitive(self) -> None:
         """Header names are compared without case when rebasing."""
         first, second = recorder(), recorder()
-        first.insert_header(1, "x-a", "new")
-        second.delete_header("X-A", 1)
+        first.insert_header("x-a", "new", index=1)
+        second.delete_header("X-A", index=1)
         merged = merge_changes([("X-A", "old")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(InsertHeader(1, "x-a", "new"), ChangeHeader(2, "X-A", "")))
 
     def test_two_deletes_rebased(self) -> None:
         """Filter 1 deletes Received #1 and filter 2 deletes Received #2: the second becomes #1."""
         first, second = recorder(), recorder()
-        first.delete_header("Received", 1)
-        second.delete_header("Received", 2)
+        first.delete_header("Received", index=1)
+        second.delete_header("Received", index=2)
         headers = [("Received", "from a"), ("Received", "from b"), ("Subject", "hi")]
         merged = merge_changes(headers, [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(ChangeHeader(1, "Received", ""), ChangeHeader(1, "Received", "")))
@@ -301,8 +301,8 @@ class MergeChangesTests(SynchronousTestCase):
     def test_delete_then_change_of_later_header(self) -> None:
         """A change of header #3 after an earlier filter deleted #1 is sent as #2."""
         first, second = recorder(), recorder()
-        first.delete_header("Received", 1)
-        second.change_header("Received", "from z", 3)
+        first.delete_header("Received", index=1)
+        second.change_header("Received", "from z", index=3)
         headers = [("Received", "a"), ("Received", "b"), ("Received", "c")]
         merged = merge_changes(headers, [("one", first), ("two", second)])
         self.assertEqual(
@@ -313,7 +313,7 @@ class MergeChangesTests(SynchronousTestCase):
         """Filter 2's insert right after a header filter 1 deleted lands where that header was."""
         first, second = recorder(), recorder()
         first.delete_header("B")
-        second.insert_header(3, "X-New", "v")  # [hidden, A, B | C]
+        second.insert_header("X-New", "v", index=3)  # [hidden, A, B | C]
         headers = [("A", "1"), ("B", "2"), ("C", "3")]
         merged = merge_changes(headers, [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(ChangeHeader(1, "B", ""), InsertHeader(2, "X-New", "v")))
@@ -322,7 +322,7 @@ class MergeChangesTests(SynchronousTestCase):
         """Filter 2's insert just before a header filter 1 deleted is anchored to the next one left."""
         first, second = recorder(), recorder()
         first.delete_header("B")
-        second.insert_header(2, "X-New", "v")  # [hidden, A | B, C]
+        second.insert_header("X-New", "v", index=2)  # [hidden, A | B, C]
         headers = [("A", "1"), ("B", "2"), ("C", "3")]
         merged = merge_changes(headers, [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(ChangeHeader(1, "B", ""), InsertHeader(2, "X-New", "v")))
@@ -331,23 +331,23 @@ class MergeChangesTests(SynchronousTestCase):
         """An insert after a deleted last header is appended."""
         first, second = recorder(), recorder()
         first.delete_header("B")
-        second.insert_header(2, "X-New", "v")  # [hidden, A | B]
+        second.insert_header("X-New", "v", index=2)  # [hidden, A | B]
         merged = merge_changes([("A", "1"), ("B", "2")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(ChangeHeader(1, "B", ""), InsertHeader(2, "X-New", "v")))
 
     def test_insert_shifted_by_earlier_insert(self) -> None:
         """An insert below an earlier filter's insert moves down by one."""
         first, second = recorder(), recorder()
-        first.insert_header(1, "X-One", "1")
-        second.insert_header(2, "X-Two", "2")  # after A in filter 2's view
+        first.insert_header("X-One", "1", index=1)
+        second.insert_header("X-Two", "2", index=2)  # after A in filter 2's view
         merged = merge_changes([("A", "a"), ("B", "b")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(InsertHeader(1, "X-One", "1"), InsertHeader(3, "X-Two", "2")))
 
     def test_two_inserts_at_top(self) -> None:
         """Two filters inserting at the very top keep filter order above the MTA's hidden header."""
         first, second = recorder(), recorder()
-        first.insert_header(0, "X-One", "1")
-        second.insert_header(0, "X-Two", "2")
+        first.insert_header("X-One", "1", index=0)
+        second.insert_header("X-Two", "2", index=0)
         merged = merge_changes([("A", "a")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(InsertHeader(0, "X-One", "1"), InsertHeader(1, "X-Two", "2")))
 
@@ -355,7 +355,7 @@ class MergeChangesTests(SynchronousTestCase):
         """An insert past the end of the list still appends after rebasing."""
         first, second = recorder(), recorder()
         first.delete_header("A")
-        second.insert_header(50, "X-Two", "2")
+        second.insert_header("X-Two", "2", index=50)
         merged = merge_changes([("A", "a"), ("B", "b")], [("one", first), ("two", second)])
         self.assertEqual(len(merged.modifications), 2)
         inserted = merged.modifications[1]
@@ -409,16 +409,16 @@ class MergeChangesTests(SynchronousTestCase):
         """A change of a missing header (which appends) still appends after an earlier filter added one."""
         first, second = recorder(), recorder()
         first.add_header("X-A", "added")
-        second.change_header("X-A", "appended", 1)
+        second.change_header("X-A", "appended", index=1)
         merged = merge_changes([("Subject", "hi")], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications, mods(AddHeader("X-A", "added"), ChangeHeader(2, "X-A", "appended")))
 
     def test_change_far_beyond_counts_as_append(self) -> None:
         """A change of a missing header #3 appends one header, which later filters see shift their indices."""
         first, second = recorder(), recorder()
-        first.change_header("X-A", "appended", 3)
-        second.insert_header(1, "X-B", "b")
-        second.change_header("X-A", "again", 2)  # filter 2's #2 is still missing, so it appends too
+        first.change_header("X-A", "appended", index=3)
+        second.insert_header("X-B", "b", index=1)
+        second.change_header("X-A", "again", index=2)  # filter 2's #2 is still missing, so it appends too
         merged = merge_changes([], [("one", first), ("two", second)])
         self.assertEqual(merged.modifications[0], ChangeHeader(3, "X-A", "appended"))
         last = merged.modifications[2]
@@ -531,11 +531,11 @@ def scenarios(draw: st.DrawFn, max_filters: int = 3) -> tuple[list[Line], list[C
                 target = draw(st.sampled_from(targets))
                 same = [line for line in targets if line.name.lower() == target.name.lower()]
                 name = draw(st.sampled_from([target.name, target.name.upper()]))
-                changes.change_header(name, value if kind == "change" else "", same.index(target) + 1)
+                changes.change_header(name, value if kind == "change" else "", index=same.index(target) + 1)
             elif kind == "add":
                 changes.add_header(draw(st.sampled_from(NAMES)), value)
             else:
-                changes.insert_header(draw(st.integers(0, len(view) + 1)), draw(st.sampled_from(NAMES)), value)
+                changes.insert_header(draw(st.sampled_from(NAMES)), value, index=draw(st.integers(0, len(view) + 1)))
             view = apply(view, changes.edits[-1:])
         contributions.append(changes)
         views.append(view)

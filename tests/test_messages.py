@@ -18,10 +18,12 @@ from txmilt.messages import (
     ChangeHeader,
     DeleteRecipient,
     InsertHeader,
+    MailFrom,
     Modification,
     NegotiateReply,
     ProtocolFlag,
     Quarantine,
+    RcptTo,
     Reject,
     ReplaceBody,
     TempFail,
@@ -216,3 +218,30 @@ class NegotiateReplyTests(SynchronousTestCase):
         self.assertEqual(a, b)
         self.assertEqual(hash(a), hash(b))
         self.assertEqual(len({a, b}), 1)
+
+
+class EnvelopeAddressTests(SynchronousTestCase):
+    """MailFrom and RcptTo give the address without brackets too."""
+
+    def test_mailbox_and_domain(self) -> None:
+        """The mailbox drops the brackets and any source route; the domain follows the last @, as written."""
+        cases = {
+            "<alice@Example.COM>": ("alice@Example.COM", "Example.COM"),
+            " <bob@example.net> ": ("bob@example.net", "example.net"),
+            "carol@example.org": ("carol@example.org", "example.org"),
+            "<@relay.example,@hop.example:dave@example.com>": ("dave@example.com", "example.com"),
+            '<"a@b"@example.com>': ('"a@b"@example.com', "example.com"),
+            "<postmaster>": ("postmaster", ""),
+            "<>": ("", ""),
+        }
+        for address, (mailbox, domain) in cases.items():
+            for command in (MailFrom(address, ("SIZE=10",)), RcptTo(address)):
+                self.assertEqual((command.mailbox, command.domain), (mailbox, domain), address)
+
+    def test_address_unchanged(self) -> None:
+        """The address field keeps the MTA's spelling; equality and hashing ignore the new properties."""
+        command = RcptTo("<Bob@Example.net>", ("NOTIFY=NEVER",))
+        self.assertEqual(command.address, "<Bob@Example.net>")
+        self.assertEqual(command, RcptTo("<Bob@Example.net>", ("NOTIFY=NEVER",)))
+        self.assertEqual(hash(command), hash(RcptTo("<Bob@Example.net>", ("NOTIFY=NEVER",))))
+        self.assertFalse(hasattr(command, "__dict__"))

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import traceback
+from typing import Any, ClassVar
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
-from txmilt.errors import LocalProtocolError
+from txmilt.errors import ArgumentTypeError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
     ALL_ACTIONS,
@@ -207,7 +208,7 @@ class ChangesActionTests(SynchronousTestCase):
         changes = Changes(Action.NONE)
         calls = [
             (lambda: changes.add_header("X-A", "1"), "ADD_HEADERS"),
-            (lambda: changes.insert_header(0, "X-A", "1"), "ADD_HEADERS"),
+            (lambda: changes.insert_header("X-A", "1", index=0), "ADD_HEADERS"),
             (lambda: changes.change_header("X-A", "1"), "CHANGE_HEADERS"),
             (lambda: changes.delete_header("X-A"), "CHANGE_HEADERS"),
             (lambda: changes.add_recipient("<r@example.com>"), "ADD_RECIPIENTS"),
@@ -238,8 +239,8 @@ class ChangesActionTests(SynchronousTestCase):
         """Header and recipient changes are recorded in call order."""
         changes = everything()
         changes.add_header("X-A", "1")
-        changes.insert_header(3, "X-B", "2")
-        changes.change_header("Subject", "new", 2)
+        changes.insert_header("X-B", "2", index=3)
+        changes.change_header("Subject", "new", index=2)
         changes.delete_header("Received")
         changes.add_recipient("<r@example.com>")
         changes.add_recipient("<p@example.com>", ["NOTIFY=NEVER", "ORCPT=rfc822;p@example.com"])
@@ -296,7 +297,7 @@ class ChangesValidationTests(SynchronousTestCase):
         changes = everything()
         for name in ("", "X A", "X:A", "X\tA", "X\nA", "X\0A", "Ünïcode", "X\x7f"):
             self.assertRaises(LocalProtocolError, changes.add_header, name, "v")
-            self.assertRaises(LocalProtocolError, changes.insert_header, 0, name, "v")
+            self.assertRaises(LocalProtocolError, changes.insert_header, name, "v")
             self.assertRaises(LocalProtocolError, changes.change_header, name, "v")
             self.assertRaises(LocalProtocolError, changes.delete_header, name)
         self.assertTrue(changes.empty)
@@ -318,7 +319,7 @@ class ChangesValidationTests(SynchronousTestCase):
         changes = everything()
         for value in ("a\rb", "a\r\n b", "a\r"):
             self.assertRaises(LocalProtocolError, changes.add_header, "X-A", value)
-            self.assertRaises(LocalProtocolError, changes.insert_header, 1, "X-A", value)
+            self.assertRaises(LocalProtocolError, changes.insert_header, "X-A", value, index=1)
             self.assertRaises(LocalProtocolError, changes.change_header, "X-A", value)
         self.assertTrue(changes.empty)
 
@@ -351,20 +352,20 @@ class ChangesValidationTests(SynchronousTestCase):
     def test_indexes(self) -> None:
         """Insert positions start at 0, change positions at 1, and both must fit in 32 bits."""
         changes = everything()
-        self.assertRaises(LocalProtocolError, changes.insert_header, -1, "X-A", "v")
-        self.assertRaises(LocalProtocolError, changes.insert_header, 2**32, "X-A", "v")
-        self.assertRaises(LocalProtocolError, changes.change_header, "X-A", "v", 0)
-        self.assertRaises(LocalProtocolError, changes.delete_header, "X-A", -3)
-        self.assertRaises(LocalProtocolError, changes.change_header, "X-A", "v", 2**32)
-        changes.insert_header(2**32 - 1, "X-A", "v")
-        changes.change_header("X-A", "v", 2**32 - 1)
+        self.assertRaises(LocalProtocolError, changes.insert_header, "X-A", "v", index=-1)
+        self.assertRaises(LocalProtocolError, changes.insert_header, "X-A", "v", index=2**32)
+        self.assertRaises(LocalProtocolError, changes.change_header, "X-A", "v", index=0)
+        self.assertRaises(LocalProtocolError, changes.delete_header, "X-A", index=-3)
+        self.assertRaises(LocalProtocolError, changes.change_header, "X-A", "v", index=2**32)
+        changes.insert_header("X-A", "v", index=2**32 - 1)
+        changes.change_header("X-A", "v", index=2**32 - 1)
         self.assertEqual(len(changes.edits), 2)
 
     def test_added_leading_space(self) -> None:
         """With add_space, values get the space the MTA no longer adds; deletions stay empty."""
         changes = Changes(ALL_ACTIONS, add_space=True)
         changes.add_header("X-A", "1")
-        changes.insert_header(0, "X-B", "2")
+        changes.insert_header("X-B", "2", index=0)
         changes.change_header("X-C", "3")
         changes.delete_header("X-D")
         self.assertEqual(changes.edits, [
@@ -418,3 +419,69 @@ class ChangesValidationTests(SynchronousTestCase):
         changes = everything()
         self.assertRaises(LocalProtocolError, changes.replace_body, "text")
         self.assertIsNone(changes.body)
+
+
+class ChangesArgumentTypeTests(SynchronousTestCase):
+    def test_header_calls_share_one_order(self) -> None:
+        """insert, change and delete take the name first, then the value, then the index."""
+        changes = everything()
+        changes.insert_header("X-A", "top")
+        changes.insert_header("X-B", "third", 2)
+        changes.change_header("X-C", "second", index=2)
+        changes.delete_header("X-D", index=3)
+        changes.delete_header("X-E", 2)
+        self.assertEqual(changes.edits, [
+            InsertHeader(0, "X-A", "top"), InsertHeader(2, "X-B", "third"), ChangeHeader(2, "X-C", "second"),
+            ChangeHeader(3, "X-D", ""), ChangeHeader(2, "X-E", ""),
+        ])
+
+    def test_libmilter_order_is_a_type_error(self) -> None:
+        """libmilter's argument order fails at the call with a TypeError naming the call and its types."""
+        changes: Any = everything()  # untyped, as in a filter without annotations
+        calls = [
+            (lambda: changes.change_header("X-Dup", 2, "v"), "change_header(name: str, value: str, index: int = 1)",
+             "value must be str, not int 2"),
+            (lambda: changes.insert_header(0, "X-A", "v"), "insert_header(name: str, value: str, index: int = 0)",
+             "name must be str, not int 0"),
+            (lambda: changes.delete_header(2, "X-A"), "delete_header(name: str, index: int = 1)",
+             "name must be str, not int 2"),
+            (lambda: changes.change_header("X-A", "v", "2"), "change_header(", "index must be int, not str '2'"),
+            (lambda: changes.insert_header("X-A", "v", True), "insert_header(", "index must be int, not bool True"),
+        ]
+        for call, signature, problem in calls:
+            error = self.assertRaises(TypeError, call)
+            self.assertIsInstance(error, ArgumentTypeError)
+            self.assertIn(f"Changes.{signature}", str(error))
+            self.assertIn(problem, str(error))
+        self.assertTrue(changes.empty)
+
+    def test_error_names_the_filter_line(self) -> None:
+        """The TypeError is raised inside the call, so the filter's own line is in its traceback."""
+        changes: Any = everything()
+
+        def filter_code() -> None:
+            changes.add_header("X-A", b"bytes")
+
+        try:
+            filter_code()
+        except TypeError as error:
+            frames = [frame.name for frame in traceback.extract_tb(error.__traceback__)]
+        self.assertIn("filter_code", frames)
+        self.assertEqual(frames[-1], "_check_type")
+
+    def test_other_calls_check_types(self) -> None:
+        """Recipient, sender, body and quarantine calls refuse wrong types the same way."""
+        changes: Any = everything()
+        calls = [
+            (lambda: changes.add_recipient(b"<r@example.com>"), "add_recipient(address: str"),
+            (lambda: changes.add_recipient("<r@example.com>", [1]), "each of args must be str, not int 1"),
+            (lambda: changes.add_recipient("<r@example.com>", 5), "args must be a sequence of strings"),
+            (lambda: changes.delete_recipient(None), "delete_recipient(address: str)"),
+            (lambda: changes.change_from(["<s@example.com>"]), "change_from(address: str"),
+            (lambda: changes.replace_body("text"), "body must be bytes or bytearray or memoryview, not str"),
+            (lambda: changes.quarantine(3), "quarantine(reason: str)"),
+        ]
+        for call, text in calls:
+            error = self.assertRaises(ArgumentTypeError, call)
+            self.assertIn(text, str(error))
+        self.assertTrue(changes.empty)

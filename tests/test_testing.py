@@ -446,12 +446,12 @@ class MessageTests(SynchronousTestCase):
         new_body = b"n" * 70000
 
         def edit(changes: Changes) -> None:
-            changes.insert_header(0, "X-Top", "0")
-            changes.insert_header(2, "X-Second", "2")  # counts X-Top and the MTA's Received
+            changes.insert_header("X-Top", "0", index=0)
+            changes.insert_header("X-Second", "2", index=2)  # counts X-Top and the MTA's Received
             changes.change_header("Subject", "changed")
             changes.delete_header("X-Spam")
-            changes.change_header("X-Dup", "second", 2)
-            changes.change_header("X-Dup", "beyond", 5)
+            changes.change_header("X-Dup", "second", index=2)
+            changes.change_header("X-Dup", "beyond", index=5)
             changes.delete_header("X-Missing")
             changes.add_header("X-Added", "folded\n\tline")
             changes.change_from("<new@example.com>", ["SIZE=10"])

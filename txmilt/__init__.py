@@ -1,7 +1,7 @@
 """txmilt: the Sendmail milter protocol on Twisted, with many filters per connection.
 
 The sans-IO names load eagerly; the Twisted-based ones (Milter, Changes, Chain,
-FilterSpec, MilterFactory, IMilter) load on first use, so ``import
+FilterSpec, MilterFactory, IMilter, serve) load on first use, so ``import
 txmilt.session`` does not import Twisted.
 """
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from txmilt.interfaces import IMilter
     from txmilt.milter import Changes, Milter, Result
     from txmilt.protocol import MilterFactory
+    from txmilt.server import serve
 
 _LAZY = {
     "Chain": "txmilt.chain",
@@ -53,6 +54,7 @@ _LAZY = {
     "Milter": "txmilt.milter",
     "Result": "txmilt.milter",
     "MilterFactory": "txmilt.protocol",
+    "serve": "txmilt.server",
 }
 
 
@@ -94,4 +96,5 @@ __all__ = [
     "Skip",
     "TempFail",
     "Unknown",
+    "serve",
 ]

@@ -39,8 +39,16 @@ class LocalProtocolError(ProtocolError):
     """We tried to send something illegal here: a bug in the caller."""
 
 
+class ArgumentTypeError(LocalProtocolError, TypeError):
+    """A filter called a txmilt method with an argument of the wrong type (also a TypeError)."""
+
+
 class InvalidReplyError(LocalProtocolError):
     """An SMTP reply (code, enhanced status, text) that the MTA would refuse."""
+
+
+class EventLoopError(MilterError):
+    """A coroutine callback awaited something its event loop cannot wait for (asyncio vs Twisted)."""
 
 
 class MilterUnavailableError(MilterError):

@@ -19,6 +19,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from txmilt.conditions import When
+from txmilt.coroutines import coroutine_deferred
 from txmilt.errors import ConfigurationError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.merge import Needs
@@ -321,7 +322,7 @@ class Member:
             self.failed_with(stage, Failure(), "error")
             return None
         if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
+            value = coroutine_deferred(value)
         if not isinstance(value, Deferred):
             return None
         value.addTimeout(self.spec.timeout, self.context.clock)
@@ -337,7 +338,7 @@ class Member:
     def _settle(self, stage: str, value: object, started: float) -> FilterVerdict | Deferred[Any]:
         """The verdict a callback's return value stands for, now or (for a pending Deferred) later."""
         if inspect.iscoroutine(value):
-            value = Deferred.fromCoroutine(value)
+            value = coroutine_deferred(value)
         if isinstance(value, Deferred):
             if not value.called or value.paused:
                 return self._wait(stage, value, started)

@@ -139,8 +139,31 @@ class Helo:
     name: str
 
 
+class _EnvelopeAddress:
+    """The ``mailbox`` and ``domain`` of an envelope address as the MTA sent it (``<user@host>``)."""
+
+    __slots__ = ()
+    address: str
+
+    @property
+    def mailbox(self) -> str:
+        """The address without angle brackets or source route: ``user@example.com``; ``""`` for ``<>``."""
+        text = self.address.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1].strip()
+        if text.startswith("@") and ":" in text:  # obsolete source route: <@relay,@relay:user@host>
+            text = text.partition(":")[2]
+        return text
+
+    @property
+    def domain(self) -> str:
+        """The part of ``mailbox`` after its last ``@``, as written; ``""`` if there is none."""
+        local, at, domain = self.mailbox.rpartition("@")
+        return domain if at and local else ""
+
+
 @dataclass(frozen=True, slots=True)
-class MailFrom:
+class MailFrom(_EnvelopeAddress):
     """Envelope sender and its ESMTP parameters (command 'M')."""
 
     letter: ClassVar[str] = "M"
@@ -149,7 +172,7 @@ class MailFrom:
 
 
 @dataclass(frozen=True, slots=True)
-class RcptTo:
+class RcptTo(_EnvelopeAddress):
     """One envelope recipient and its ESMTP parameters (command 'R')."""
 
     letter: ClassVar[str] = "R"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import IO, Any, ClassVar, TypeAlias
 
@@ -10,7 +11,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from txmilt.codec import encode_text
-from txmilt.errors import LocalProtocolError
+from txmilt.errors import ArgumentTypeError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import (
     Accept,
@@ -77,6 +78,31 @@ def _check_index(call: str, index: int, lowest: int) -> None:
         raise LocalProtocolError(f"{call} index {index} must be between {lowest} and {_MAX_INDEX}")
 
 
+def _check_type(signature: str, argument: str, value: object, expected: type | tuple[type, ...]) -> None:
+    """ArgumentTypeError, naming the call and its types, unless ``value`` is an ``expected``."""
+    if isinstance(value, expected) and not (isinstance(value, bool) and expected is int):
+        return
+    names = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
+    raise ArgumentTypeError(
+        f"Changes.{signature}: {argument} must be {names}, not {type(value).__name__} {reprlib.repr(value)}"
+    )
+
+
+def _check_header_call(signature: str, name: object, value: object = "", index: object = 1) -> None:
+    """Type checks shared by the header calls: name and value str, index int (in that order)."""
+    _check_type(signature, "name", name, str)
+    _check_type(signature, "value", value, str)
+    _check_type(signature, "index", index, int)
+
+
+_ADD_HEADER = "add_header(name: str, value: str)"
+_INSERT_HEADER = "insert_header(name: str, value: str, index: int = 0)"
+_CHANGE_HEADER = "change_header(name: str, value: str, index: int = 1)"
+_DELETE_HEADER = "delete_header(name: str, index: int = 1)"
+_ADD_RECIPIENT = "add_recipient(address: str, args: Sequence[str] | None = None)"
+_CHANGE_FROM = "change_from(address: str, args: Sequence[str] | None = None)"
+
+
 class Changes:
     """Records one filter's end-of-message changes, in the order made.
 
@@ -113,12 +139,14 @@ class Changes:
 
     def add_header(self, name: str, value: str) -> None:
         """Append a header to the message."""
+        _check_header_call(_ADD_HEADER, name, value)
         self._require(Action.ADD_HEADERS, "add_header")
         _check_header_name(name)
         self.edits.append(AddHeader(name, self._value(value)))
 
-    def insert_header(self, index: int, name: str, value: str) -> None:
-        """Insert a header at a 0-based position; 0 is the very top."""
+    def insert_header(self, name: str, value: str, index: int = 0) -> None:
+        """Insert a header at a 0-based position among all headers; 0 (the default) is the very top."""
+        _check_header_call(_INSERT_HEADER, name, value, index)
         self._require(Action.ADD_HEADERS, "insert_header")
         _check_header_name(name)
         _check_index("insert_header", index, 0)
@@ -126,43 +154,51 @@ class Changes:
 
     def change_header(self, name: str, value: str, index: int = 1) -> None:
         """Replace the index-th (1-based) header called ``name``; an empty value deletes it."""
+        _check_header_call(_CHANGE_HEADER, name, value, index)
+        self._change_header(name, value, index)
+
+    def delete_header(self, name: str, index: int = 1) -> None:
+        """Delete the index-th (1-based) header called ``name``."""
+        _check_header_call(_DELETE_HEADER, name, index=index)
+        self._change_header(name, "", index)
+
+    def _change_header(self, name: str, value: str, index: int) -> None:
         self._require(Action.CHANGE_HEADERS, "change_header")
         _check_header_name(name)
         _check_index("change_header", index, 1)
         self.edits.append(ChangeHeader(index, name, self._value(value)))
 
-    def delete_header(self, name: str, index: int = 1) -> None:
-        """Delete the index-th (1-based) header called ``name``."""
-        self.change_header(name, "", index)
-
     def add_recipient(self, address: str, args: Sequence[str] | None = None) -> None:
         """Add an envelope recipient, with ESMTP arguments if given."""
+        _check_type(_ADD_RECIPIENT, "address", address, str)
         action = Action.ADD_RECIPIENTS if args is None else Action.ADD_RECIPIENTS_WITH_ARGS
         self._require(action, "add_recipient")
         encode_text(address, "recipient")
-        self.edits.append(AddRecipient(address, None if args is None else _esmtp_args(args)))
+        self.edits.append(AddRecipient(address, None if args is None else _esmtp_args(_ADD_RECIPIENT, args)))
 
     def delete_recipient(self, address: str) -> None:
         """Remove a recipient, spelled exactly as the MTA sent it."""
+        _check_type("delete_recipient(address: str)", "address", address, str)
         self._require(Action.DELETE_RECIPIENTS, "delete_recipient")
         encode_text(address, "recipient")
         self.edits.append(DeleteRecipient(address))
 
     def change_from(self, address: str, args: Sequence[str] | None = None) -> None:
         """Replace the envelope sender, with ESMTP arguments if given."""
+        _check_type(_CHANGE_FROM, "address", address, str)
         self._require(Action.CHANGE_FROM, "change_from")
         encode_text(address, "sender")
-        self.sender = ChangeFrom(address, None if args is None else _esmtp_args(args))
+        self.sender = ChangeFrom(address, None if args is None else _esmtp_args(_CHANGE_FROM, args))
 
     def replace_body(self, body: bytes) -> None:
         """Replace the whole body (CRLF line ends); a later call replaces an earlier one."""
+        _check_type("replace_body(body: bytes)", "body", body, (bytes, bytearray, memoryview))
         self._require(Action.CHANGE_BODY, "replace_body")
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise LocalProtocolError(f"replace_body() needs bytes, not {type(body).__name__}")
         self.body = bytes(body)
 
     def quarantine(self, reason: str) -> None:
         """Put the message on hold; the final verdict still decides what else happens."""
+        _check_type("quarantine(reason: str)", "reason", reason, str)
         self._require(Action.QUARANTINE, "quarantine")
         if not reason:
             raise LocalProtocolError("quarantine() needs a non-empty reason")
@@ -180,10 +216,14 @@ class Changes:
         return not self.edits and self.sender is None and self.body is None and self.quarantine_reason is None
 
 
-def _esmtp_args(args: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(args, str):
-        raise LocalProtocolError(f"ESMTP arguments must be a sequence of strings, not the string {args!r}")
+def _esmtp_args(signature: str, args: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(args, str) or not isinstance(args, Sequence):
+        given = f"the string {args!r}" if isinstance(args, str) else f"{type(args).__name__} {reprlib.repr(args)}"
+        raise ArgumentTypeError(
+            f"Changes.{signature}: args must be a sequence of strings such as ['NOTIFY=NEVER'], not {given}"
+        )
     for arg in args:
+        _check_type(signature, "each of args", arg, str)
         if not arg or " " in arg:
             raise LocalProtocolError(f"ESMTP argument {arg!r} must be non-empty and without spaces")
         encode_text(arg, "ESMTP argument")

@@ -433,9 +433,9 @@ class RemoteMilter:
             if isinstance(edit, AddHeader):
                 changes.add_header(edit.name, value(edit.value))
             elif isinstance(edit, InsertHeader):
-                changes.insert_header(edit.index, edit.name, value(edit.value))
+                changes.insert_header(edit.name, value(edit.value), index=edit.index)
             elif isinstance(edit, ChangeHeader):
-                changes.change_header(edit.name, value(edit.value), max(edit.index, 1))
+                changes.change_header(edit.name, value(edit.value), index=max(edit.index, 1))
             elif isinstance(edit, AddRecipient):
                 changes.add_recipient(edit.address, edit.args)
             elif isinstance(edit, DeleteRecipient):

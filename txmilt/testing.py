@@ -696,9 +696,9 @@ def _make_changes(changes: Changes, modifications: Sequence[Modification]) -> No
         if isinstance(change, AddHeader):
             changes.add_header(change.name, change.value)
         elif isinstance(change, InsertHeader):
-            changes.insert_header(change.index, change.name, change.value)
+            changes.insert_header(change.name, change.value, index=change.index)
         elif isinstance(change, ChangeHeader):
-            changes.change_header(change.name, change.value, change.index)
+            changes.change_header(change.name, change.value, index=change.index)
         elif isinstance(change, ChangeFrom):
             changes.change_from(change.address, change.args)
         elif isinstance(change, AddRecipient):

@@ -135,7 +135,7 @@ class Editor(Milter):
     """Makes the end-of-message changes listed for the message's Subject.
 
     ``edits`` maps a Subject (or ``"*"``, for every message) to a list of operations,
-    each a list: ``["add_header", name, value]``, ``["insert_header", index, name, value]``,
+    each a list: ``["add_header", name, value]``, ``["insert_header", name, value, index]``,
     ``["change_header", name, value, index]``, ``["delete_header", name, index]``,
     ``["add_recipient", address]`` or ``[..., address, [args]]``, ``["delete_recipient", address]``,
     ``["change_from", address]`` or ``[..., address, [args]]``, ``["quarantine", reason]``,

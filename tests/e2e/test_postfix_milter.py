@@ -346,10 +346,10 @@ def test_eom_discard(bench: Bench, verdicts: TappedMilter) -> None:
 Headers = list[str]
 HEADER_CASES: dict[str, tuple[list[list[Any]], Callable[[Headers], Headers]]] = {
     "add": ([["add_header", "X-Added", "yes"]], lambda h: [*h, "X-Added: yes"]),
-    "insert-0": ([["insert_header", 0, "X-Top", "top"]], lambda h: ["X-Top: top", *h]),
-    "insert-1": ([["insert_header", 1, "X-One", "one"]], lambda h: [h[0], "X-One: one", *h[1:]]),
-    "insert-3": ([["insert_header", 3, "X-Three", "three"]], lambda h: [*h[:3], "X-Three: three", *h[3:]]),
-    "insert-past-end": ([["insert_header", 1000, "X-Last", "last"]], lambda h: [*h, "X-Last: last"]),
+    "insert-0": ([["insert_header", "X-Top", "top", 0]], lambda h: ["X-Top: top", *h]),
+    "insert-1": ([["insert_header", "X-One", "one", 1]], lambda h: [h[0], "X-One: one", *h[1:]]),
+    "insert-3": ([["insert_header", "X-Three", "three", 3]], lambda h: [*h[:3], "X-Three: three", *h[3:]]),
+    "insert-past-end": ([["insert_header", "X-Last", "last", 1000]], lambda h: [*h, "X-Last: last"]),
     "change-2": ([["change_header", "X-Multi", "changed", 2]],
                  lambda h: [f if f != "X-Multi: two" else "X-Multi: changed" for f in h]),
     # The name is matched case-insensitively, and Postfix writes the header with the name as the milter spelled it.
@@ -365,7 +365,7 @@ HEADER_CASES: dict[str, tuple[list[list[Any]], Callable[[Headers], Headers]]] = 
                      lambda h: ["From: Zed <zed@example.org>" if f.startswith("From:") else f for f in h]),
     "delete-first": ([["delete_header", "From", 1]], lambda h: [f for f in h if not f.startswith("From:")]),
     "several": (
-        [["delete_header", "X-Multi", 1], ["insert_header", 0, "X-Top", "top"], ["add_header", "X-Added", "yes"],
+        [["delete_header", "X-Multi", 1], ["insert_header", "X-Top", "top", 0], ["add_header", "X-Added", "yes"],
          ["change_header", "X-Multi", "still two", 1]],
         lambda h: ["X-Top: top", *[f.replace("X-Multi: two", "X-Multi: still two") for f in h if f != "X-Multi: one"],
                    "X-Added: yes"],
@@ -734,13 +734,13 @@ def rebase(bench: Bench) -> TappedMilter:
     """Two Editors whose header changes both refer to the message as it arrived."""
     return bench.start_milter("rebase", [
         {"name": "first", "class": f"{FILTERS}:Editor", "options": {"edits": {"rebase": [
-            ["delete_header", "X-Multi", 1], ["insert_header", 1, "X-First", "1"], ["add_header", "X-First-End", "1"],
+            ["delete_header", "X-Multi", 1], ["insert_header", "X-First", "1", 1], ["add_header", "X-First-End", "1"],
         ]}}},
         {"name": "second", "class": f"{FILTERS}:Editor", "options": {"edits": {"rebase": [
             # Within one filter, each change applies to the result of its earlier ones (as in Postfix):
             # after its insert at 1, index 5 is right before Message-ID.
-            ["change_header", "X-Multi", "second's two", 2], ["insert_header", 1, "X-Second", "2"],
-            ["insert_header", 5, "X-Before-Message-ID", "2"],
+            ["change_header", "X-Multi", "second's two", 2], ["insert_header", "X-Second", "2", 1],
+            ["insert_header", "X-Before-Message-ID", "2", 5],
         ]}}},
     ])
 

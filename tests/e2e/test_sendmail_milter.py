@@ -55,7 +55,7 @@ def sendmail_bench() -> Iterator[SendmailBench]:
          "text": ["no such user", "here, sorry"]},
         {"stage": "eom", "match": "reject-eom", "verdict": "reject"},
     ]
-    edits = {"edit": [["insert_header", 0, "X-Top", "top"], ["change_header", "X-Multi", "changed", 2],
+    edits = {"edit": [["insert_header", "X-Top", "top", 0], ["change_header", "X-Multi", "changed", 2],
                       ["add_header", "X-Added", "yes"]]}
     daemon = MilterDaemon([
         {"name": "verdicts", "class": f"{FILTERS}:Verdicts", "options": {"rules": rules}},

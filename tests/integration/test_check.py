@@ -109,7 +109,9 @@ def test_examples_json(examples: str, message_file: Callable[[bytes], str]) -> N
     assert "\r\nX-Filtered-By: txmilt on mx.example.net (client 192.0.2.10)\r\n\r\n" in result["message"]
     assert result["message"].endswith("-- \r\nThis message was checked by txmilt.\r\n")
     # The milter's names, then the MTAs' defaults, which a requested list would otherwise replace.
-    assert report["milters"][0]["macros"] == {"connect": ["{client_addr}", "j", "{daemon_name}", "{daemon_addr}", "v", "_", "{if_name}", "{if_addr}"]}
+    assert report["milters"][0]["macros"] == {"connect": [
+        "{client_addr}", "j", "{daemon_name}", "{daemon_addr}", "v", "_", "{if_name}", "{if_addr}",
+    ]}
     connect = report["stages"][0]
     assert connect["command"] == "CONNECT" and connect["macros"]["{client_addr}"] == "192.0.2.10"
     assert all(stage["ms"] >= 0 for stage in report["stages"])
