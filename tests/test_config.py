@@ -244,7 +244,7 @@ class ConfigErrorTests(ConfigTestCase):
         """A misspelt [[filter]] key is refused, naming the filter's number."""
         self.assert_refused(
             STAMP + '[[filter]]\nklass = "examples.header_stamp:HeaderStamp"\n',
-            "config [[filter]] #2: unknown key 'klass'", "known keys are after_changes, class, dry_run",
+            "config [[filter]] #2: unknown key 'klass'", "known keys are after_changes, class, command, dry_run",
         )
 
     def test_wrong_type_daemon(self) -> None:
