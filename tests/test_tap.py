@@ -27,10 +27,10 @@ from examples.word_rejecter import WordRejecter
 from tests.test_protocol import LogCapture
 from txmilt.codec import encode
 from txmilt.config import DEFAULT_LISTEN, SETTINGS, DaemonConfig, cores
+from txmilt.daemon import Daemon, DrainService, InProcess, UnixSocketService
 from txmilt.errors import ConfigurationError
 from txmilt.messages import Accept, Continue, Negotiate, Reject, TempFail
 from txmilt.protocol import MilterFactory, MilterProtocol, VerifiedFilters
-from txmilt.daemon import Daemon, DrainService, InProcess, UnixSocketService
 from txmilt.tap import Options, makeService
 from txmilt.workers import WorkerPool
 
@@ -514,7 +514,8 @@ class MakeServiceTests(TempDirMixin):
     def test_workers(self) -> None:
         """--workers 2 serves in a pool of worker processes; auto means one per core; 1 serves in the daemon."""
         for given, count in (("2", 2), ("auto", cores()), ("AUTO", cores())):
-            (daemon,) = [child for child in self.service("--filter", STAMP, "--workers", given) if isinstance(child, Daemon)]
+            top = self.service("--filter", STAMP, "--workers", given)
+            (daemon,) = [child for child in top if isinstance(child, Daemon)]
             self.assertEqual(daemon.config.workers, count)
             self.assertIsInstance(daemon.server, WorkerPool if count > 1 else InProcess)
         (daemon,) = [child for child in self.service("--filter", STAMP) if isinstance(child, Daemon)]

@@ -36,10 +36,19 @@ STOP_TIMEOUT = 10.0
 PROBE_INTERVAL = 0.1
 
 
+class _Output(Logger):
+    """Logs a supervised milter's output lines, but not the empty one procmon adds when it exits."""
+
+    @override
+    def info(self, format: str | None = None, **kwargs: object) -> None:
+        if kwargs.get("line") != "":
+            super().info(format, **kwargs)
+
+
 class _Monitor(ProcessMonitor):
     """A ProcessMonitor for one milter: one log line per exit, and a Deferred for the exit when stopping."""
 
-    log = Logger()
+    log = _Output()
 
     def __init__(self, supervised: SupervisedCommand, reactor: Any) -> None:
         super().__init__(reactor)
@@ -78,7 +87,7 @@ class _Monitor(ProcessMonitor):
             restart = self.restart.get(name)
             delay = max(0.0, restart.getTime() - self._clock.seconds()) if restart and restart.active() else 0.0
             self.log.warn(
-                "supervised milter {name} (pid {pid}) {how}; restarting it in {delay:g}s (its filter gets its"
+                "supervised milter {name} (pid {pid}) {how}; restarting it in {delay:.2g}s (its filter gets its"
                 " fallback until it accepts connections again)",
                 name=name, pid=pid, how=how, delay=delay,
             )
@@ -104,7 +113,9 @@ def probe(reactor: Any, address: str, timeout: float) -> Deferred[None]:
     def close(protocol: Any) -> None:
         protocol.transport.loseConnection()
 
-    connected: Deferred[Any] = milter_endpoint(address, reactor, timeout).connect(Factory.forProtocol(Protocol))
+    factory = Factory.forProtocol(Protocol)
+    factory.noisy = False
+    connected: Deferred[Any] = milter_endpoint(address, reactor, timeout).connect(factory)
     closed: Deferred[None] = connected.addCallback(close)
     return closed
 

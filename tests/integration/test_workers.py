@@ -26,11 +26,9 @@ from .test_daemon import (
     TWISTD,
     Daemon,
     accepts,
-    daemon,  # noqa: F401 (a fixture)
     free_port,
     metric,
     scrape,
-    sock_dir,  # noqa: F401 (a fixture)
     tcp_connect,
     unix_connect,
     wait_until,
@@ -193,7 +191,8 @@ def test_killed_worker_is_replaced(daemon: Callable[[str], Daemon]) -> None:
         wait_until(lambda: load.messages >= served + 10, 20, "more load")
     (new,) = set(children(milter.process.pid)) - {second}  # type: ignore[union-attr]
     lines = [line for line in milter.output().splitlines() if f"pid {first}" in line]
-    assert len(lines) == 1 and re.search(rf"worker 1 \(pid {first}\) was killed by SIGKILL; starting another in", lines[0])
+    assert len(lines) == 1
+    assert re.search(rf"worker 1 \(pid {first}\) was killed by SIGKILL; starting another in", lines[0])
     # Only the messages in flight on the killed worker fail (the MTA applies its default action to them).
     assert len(load.errors) <= 2 and all(when - killed < 1 for when in load.error_times), load.errors
     wait_until(lambda: accepts(lambda: tcp_connect(port)), 5, "the port")
@@ -227,7 +226,8 @@ def test_sigterm_drains_every_worker(daemon: Callable[[str], Daemon]) -> None:
         assert all(not os.path.exists(f"/proc/{pid}") for pid in pids)
         output = milter.output()
         # (A probe for the closed port may have been accepted in the instant before it closed.)
-        assert len(re.findall(r"worker \d pid \d+: txmilt\.daemon#info\] draining \d+ open connections", output)) == 2, output
+        drains = re.findall(r"worker \d pid \d+: txmilt\.daemon#info\] draining \d+ open connections", output)
+        assert len(drains) == 2, output
     finally:
         for mta in held.values():
             mta.close()
@@ -239,10 +239,11 @@ def test_systemd_socket_activation_with_workers(daemon: Callable[[str], Daemon])
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
     port = listener.getsockname()[1]
-    milter = daemon(config(port).replace(f'listen = ["inet:{port}@127.0.0.1"]', 'listen = ["systemd:domain=INET:index=0"]'))
+    milter = daemon(config(port).replace(f'"inet:{port}@127.0.0.1"', '"systemd:domain=INET:index=0"'))
     activate = (
-        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; os.environ['LISTEN_FDNAMES'] = 'milter';"
-        " os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1';"
+        " os.environ['LISTEN_FDNAMES'] = 'milter'; os.environ['LISTEN_PID'] = str(os.getpid());"
+        " os.execv(sys.executable, [sys.executable, *sys.argv[2:]])"
     )
     with milter.stdout.open("wb") as out, milter.stderr.open("wb") as err:
         milter.process = subprocess.Popen(
@@ -278,11 +279,10 @@ def test_reload_under_load(daemon: Callable[[str], Daemon], workers: int) -> Non
             for number in range(2, 7):
                 if number == 4:
                     milter.config.write_text("[daemon\nworkers = ")
-                    mark = len(milter.output())
                     milter.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
-                    wait_until(lambda: "reload refused" in milter.output()[mark:], 20, "the broken file to be refused")
-                    served = load.served["gen3"]
-                    wait_until(lambda: load.served["gen3"] > served + 5, 20, "generation 3 to go on serving")
+                    wait_until(lambda: "reload refused" in milter.output(), 20, "the broken file to be refused")
+                    before = load.served["gen3"]
+                    wait_until(lambda: load.served["gen3"] > before + 5, 20, "generation 3 to go on serving")  # noqa: B023
                 reloads = milter.output().count("] reloaded ")
                 milter.config.write_text(config(port, f"gen{number}", workers=workers, drain=60))
                 milter.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
