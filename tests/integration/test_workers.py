@@ -190,7 +190,7 @@ def test_killed_worker_is_replaced(daemon: Callable[[str], Daemon]) -> None:
         served = load.messages
         wait_until(lambda: load.messages >= served + 10, 20, "more load")
     (new,) = set(children(milter.process.pid)) - {second}  # type: ignore[union-attr]
-    lines = [line for line in milter.output().splitlines() if f"pid {first}" in line]
+    lines = [line for line in milter.output().splitlines() if f"(pid {first})" in line]
     assert len(lines) == 1
     assert re.search(rf"worker 1 \(pid {first}\) was killed by SIGKILL; starting another in", lines[0])
     # Only the messages in flight on the killed worker fail (the MTA applies its default action to them).
