@@ -500,8 +500,6 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True, check_li
     if not isinstance(filters, VerifiedFilters):
         filters = VerifiedFilters.verify(filters)
     listen = config.listen or (DEFAULT_LISTEN,)
-    for description in (*(listen if check_listen else ()), *([config.metrics] if config.metrics else [])):
-        check_strports(description)
     if config.workers > 1:
         for description in listen:
             if description.split(":", 1)[0].lower() not in WORKER_LISTEN_KINDS:
@@ -509,6 +507,8 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True, check_li
                     f"listen address {description!r} cannot be handed to worker processes; with workers, listen"
                     f" on {', '.join(WORKER_LISTEN_KINDS)} addresses"
                 )
+    for description in (*(listen if check_listen else ()), *([config.metrics] if config.metrics else [])):
+        check_strports(description)
     _check_supervised(config.supervised)
     if config.metrics:
         _require_metrics()
