@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import socket
+import string
 import subprocess
 import tempfile
 import time
@@ -64,7 +65,8 @@ class HAProxy:
     def config_text(self) -> str:
         """haproxy.cfg."""
         servers = "".join(
-            f"    server {name} {host}:{port} check\n" for name, (host, port) in zip("abcdefgh", self.servers)
+            f"    server {string.ascii_lowercase[index]} {host}:{port} check\n"
+            for index, (host, port) in enumerate(self.servers)
         )
         return (
             "global\n"
