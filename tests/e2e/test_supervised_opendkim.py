@@ -77,7 +77,7 @@ def test_supervised_opendkim_signs_and_comes_back(bench: Bench, signer: OpenDKIM
     supervising.wait_for_log(
         rf"supervised milter opendkim \(pid {pid}\) was killed by SIGKILL; restarting it in [\d.]+s", mark
     )
-    results = []
+    results: list[bool | None] = []
     deadline = time.monotonic() + 30
     while not results or results[-1] is not True:
         assert time.monotonic() < deadline, f"no message signed again after the restart: {results}"
