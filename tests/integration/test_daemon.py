@@ -393,6 +393,7 @@ def test_help_lists_every_option() -> None:
         "--listen", "--filter", "--config", "--metrics", "--frame-limit", "--idle-timeout", "--max-connections",
         "--drain-timeout", "--progress-interval", "--timeout", "--fallback", "--socket-group",
         "--negotiation-timeout", "--max-headers", "--max-header-bytes", "--max-body-size", "--body-spool-threshold",
+        "--workers",
     ):
         assert option in result.stdout
 
