@@ -12,15 +12,13 @@ import string
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from .milterd import is_listening
 from .postfix import free_port
 
-__all__ = ["OPTNEG_CHECK", "HAProxy", "haproxy_available"]
+__all__ = ["OPTNEG_CHECK", "HAProxy", "haproxy", "haproxy_available"]
 
 _SEARCH_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
 #: The health check: send an option negotiation (version 6, every action and protocol bit) and expect an
@@ -91,7 +89,7 @@ class HAProxy:
             f"{servers}"
         )
 
-    def start(self, timeout: float = 15.0) -> Self:
+    def start(self, timeout: float = 15.0) -> HAProxy:
         """Start HAProxy and wait until it listens and every server is up."""
         self.config_path.write_text(self.config_text(), encoding="ascii")
         with self.log_path.open("wb") as log:
@@ -136,32 +134,19 @@ class HAProxy:
             return ""
 
     def stop(self) -> None:
-        """Stop HAProxy (SIGTERM, then SIGKILL)."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(5)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
-
-    def cleanup(self) -> None:
-        """Remove the config and log (unless $TXMILT_E2E_KEEP is set)."""
+        """Stop HAProxy (it exits at once on SIGTERM) and remove its files (unless $TXMILT_E2E_KEEP is set)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
         if not os.environ.get("TXMILT_E2E_KEEP"):
-            with contextlib.suppress(OSError):
-                shutil.rmtree(self.directory)
+            shutil.rmtree(self.directory, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        try:
-            self.stop()
-        finally:
-            self.cleanup()
+@contextlib.contextmanager
+def haproxy(servers: Sequence[tuple[str, int]]) -> Iterator[HAProxy]:
+    """A started HAProxy in front of ``servers``, stopped afterwards."""
+    proxy = HAProxy(servers)
+    try:
+        yield proxy.start()
+    finally:
+        proxy.stop()

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from typing_extensions import override
+
+from tests.repeating import Repeating
 
 from .bench import Bench, header_fields, make_message
-from .haproxy import HAProxy, haproxy_available
+from .haproxy import HAProxy, haproxy, haproxy_available
 from .milterd import MilterDaemon
 
 pytestmark = pytest.mark.e2e
@@ -40,39 +42,27 @@ class Sent:
     code: int
 
 
-class Senders:
+class Senders(Repeating):
     """SESSIONS threads sending one message per SMTP session through Postfix until stopped."""
 
     def __init__(self, bench: Bench) -> None:
+        super().__init__(SESSIONS)
         self.bench = bench
         self.sent: list[Sent] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(SESSIONS)]
 
-    def __enter__(self) -> Senders:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(120)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            token = self.bench.token("haproxy")
-            began = time.monotonic()
-            talk = self.bench.converse(make_message("through HAProxy", token))
-            codes = [step[0] for step in (talk.mail, *talk.rcpt.values(), talk.data) if step is not None]
-            failed = [code for code in codes if code >= 400]
-            with self._lock:
-                self.sent.append(Sent(began, time.monotonic(), token, failed[0] if failed else 250))
+    @override
+    def once(self) -> None:
+        token = self.bench.token("haproxy")
+        began = time.monotonic()
+        talk = self.bench.converse(make_message("through HAProxy", token))
+        codes = [step[0] for step in (talk.mail, *talk.rcpt.values(), talk.data) if step is not None]
+        failed = [code for code in codes if code >= 400]
+        with self.lock:
+            self.sent.append(Sent(began, time.monotonic(), token, failed[0] if failed else 250))
 
     def count(self, after: float = 0.0) -> int:
         """Messages whose session began after ``after`` and has ended."""
-        with self._lock:
+        with self.lock:
             return sum(1 for sent in self.sent if sent.began > after)
 
     def wait(self, count: int, after: float = 0.0, timeout: float = 60.0) -> None:
@@ -89,7 +79,7 @@ def proxied(bench: Bench) -> Iterator[tuple[MilterDaemon, MilterDaemon, HAProxy]
     reason = haproxy_available()
     if reason is not None:
         pytest.skip(reason)
-    with stamping("a") as a, stamping("b") as b, HAProxy([("127.0.0.1", a.port), ("127.0.0.1", b.port)]) as proxy:
+    with stamping("a") as a, stamping("b") as b, haproxy([("127.0.0.1", a.port), ("127.0.0.1", b.port)]) as proxy:
         bench.postfix.set_main_cf({"smtpd_milters": proxy.spec, "non_smtpd_milters": proxy.spec})
         try:
             yield a, b, proxy

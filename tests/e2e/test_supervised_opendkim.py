@@ -18,6 +18,7 @@ import pytest
 
 from .bench import Bench, TappedMilter, header_fields, make_message
 from .opendkim import OpenDKIM, opendkim_available
+from .postfix import pid_alive
 
 pytestmark = pytest.mark.e2e
 
@@ -82,14 +83,7 @@ def test_supervised_opendkim_signs_and_comes_back(bench: Bench, signer: OpenDKIM
     while not results or results[-1] is not True:
         assert time.monotonic() < deadline, f"no message signed again after the restart: {results}"
         results.append(signed(bench, signer, f"after-{len(results)}"))
-    assert not os.path.exists(f"/proc/{pid}/cmdline") or not _alive(pid)
+    assert not pid_alive(pid)
     output = supervising.daemon.output()[mark:]
     assert len(re.findall(rf"\(pid {pid}\)", output)) == 1, output  # one line about the death
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from txmilt.messages import AddHeader, Continue, Quit, Response
+from tests.e2e.postfix import pid_alive as alive
+from txmilt.messages import Quit
 
 from .fake_milter import HEADER as FAKE
 from .filters import HEADER as STAMP
 from .test_daemon import MTA, ROOT, Daemon, free_port, tcp_connect, wait_until
-from .test_workers import children, only, worker_pids
+from .test_workers import added_headers, children, one_message, only, worker_pids
 
 FAKE_MILTER = ROOT / "tests" / "integration" / "fake_milter.py"
 
@@ -43,22 +44,9 @@ def config(port: int, fake_port: int, *, workers: int = 1, delay: float = 0.0) -
     ]) + "\n"
 
 
-def headers(responses: list[Response]) -> dict[str, str]:
-    """The headers added at end of message, by name."""
-    assert responses[-1] == Continue(), responses
-    return {r.name: r.value.strip() for r in responses if isinstance(r, AddHeader)}
-
-
 def message(port: int) -> dict[str, str]:
     """The headers the chain adds to one message on a new connection."""
-    mta = MTA(tcp_connect(port))
-    try:
-        mta.start_message()
-        added = headers(mta.finish_message())
-        mta.send(Quit())
-        return added
-    finally:
-        mta.close()
+    return added_headers(one_message(lambda: tcp_connect(port)))
 
 
 def supervised_pid(milter: Daemon, since: int = 0) -> int:
@@ -67,15 +55,6 @@ def supervised_pid(milter: Daemon, since: int = 0) -> int:
     match = re.search(r"started supervised milter fake \(pid (\d+)\)", milter.output()[since:])
     assert match is not None
     return int(match[1])
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs (and is no zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_supervised_milter_waited_for_restarted_and_stopped_last(daemon: Callable[[str], Daemon]) -> None:
@@ -108,7 +87,7 @@ def test_supervised_milter_waited_for_restarted_and_stopped_last(daemon: Callabl
         milter.terminate()
         wait_until(lambda: "draining 1 open connections" in milter.output(), 5, "the drain")
         assert alive(restarted)  # still serving during the drain
-        assert headers(held.finish_message())[FAKE] == f"pid {restarted}"
+        assert added_headers(held.finish_message())[FAKE] == f"pid {restarted}"
         held.send(Quit())
     finally:
         held.close()

@@ -9,14 +9,15 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from typing_extensions import override
 
+from tests.repeating import Repeating
 from txmilt.messages import AddHeader, Continue, Quit, Response
 
 from .filters import HEADER
@@ -48,22 +49,26 @@ def config(port: int, generation: str = "1", *, workers: int = 2, sock: Path | N
     return "\n".join(lines) + "\n"
 
 
+def added_headers(responses: list[Response]) -> dict[str, str]:
+    """The headers added at end of message (its responses, which must end in Continue), by name."""
+    assert responses[-1] == Continue(), responses
+    return {r.name: r.value.strip() for r in responses if isinstance(r, AddHeader)}
+
+
 def served_by(responses: list[Response]) -> tuple[str, int]:
     """The generation and process id that stamped a message (its end-of-message responses)."""
-    assert responses[-1] == Continue(), responses
-    (stamp,) = [r.value.strip() for r in responses if isinstance(r, AddHeader) and r.name == HEADER]
-    generation, _, pid = stamp.partition(" pid ")
+    generation, _, pid = added_headers(responses)[HEADER].partition(" pid ")
     return generation, int(pid)
 
 
-def one_message(connect: Callable[[], socket.socket]) -> tuple[str, int]:
-    """Run one message on a new connection; who served it."""
+def one_message(connect: Callable[[], socket.socket]) -> list[Response]:
+    """Run one message on a new connection; the responses to its end."""
     mta = MTA(connect())
     try:
         mta.start_message()
-        served = served_by(mta.finish_message())
+        responses = mta.finish_message()
         mta.send(Quit())
-        return served
+        return responses
     finally:
         mta.close()
 
@@ -105,48 +110,36 @@ def only(pid: int, pids: list[int]) -> Iterator[None]:
             os.kill(other, signal.SIGCONT)
 
 
-class Load:
+class Load(Repeating):
     """Threads running one message per connection against the daemon until stopped; who served, what failed."""
 
     def __init__(self, connect: Callable[[], socket.socket], threads: int = 4, pause: float = 0.005) -> None:
+        super().__init__(threads)
         self.connect = connect
         self.pause = pause
         self.served: Counter[str] = Counter()
         self.errors: list[str] = []
         #: When each error happened (time.monotonic()).
         self.error_times: list[float] = []
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(30)
 
     @property
     def messages(self) -> int:
         """Messages served so far."""
-        with self._lock:
+        with self.lock:
             return sum(self.served.values())
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                generation, _ = one_message(self.connect)
-            except Exception as e:
-                with self._lock:
-                    self.errors.append(repr(e))
-                    self.error_times.append(time.monotonic())
-            else:
-                with self._lock:
-                    self.served[generation] += 1
-            time.sleep(self.pause)
+    @override
+    def once(self) -> None:
+        try:
+            generation, _ = served_by(one_message(self.connect))
+        except Exception as e:
+            with self.lock:
+                self.errors.append(repr(e))
+                self.error_times.append(time.monotonic())
+        else:
+            with self.lock:
+                self.served[generation] += 1
+        time.sleep(self.pause)
 
     def wait_for(self, generation: str, timeout: float = 20) -> None:
         """Wait until a message of ``generation`` has been served."""
@@ -163,8 +156,8 @@ def test_workers_share_tcp_and_unix_sockets(daemon: Callable[[str], Daemon], soc
     assert os.stat(sock).st_mode & 0o777 == 0o660
     for pid in pids:
         with only(pid, pids):
-            assert one_message(lambda: tcp_connect(port)) == ("1", pid)
-            assert one_message(lambda: unix_connect(sock)) == ("1", pid)
+            assert served_by(one_message(lambda: tcp_connect(port))) == ("1", pid)
+            assert served_by(one_message(lambda: unix_connect(sock))) == ("1", pid)
     assert os.stat(sock).st_mode & 0o777 == 0o660  # a worker never chmods the daemon's socket
     wait_until(lambda: metric(scrape(metrics_port), "txmilt_connections_total") == 4, 5, "the counts of both")
     text = scrape(metrics_port)
@@ -197,7 +190,8 @@ def test_killed_worker_is_replaced(daemon: Callable[[str], Daemon]) -> None:
     assert len(load.errors) <= 2 and all(when - killed < 1 for when in load.error_times), load.errors
     wait_until(lambda: accepts(lambda: tcp_connect(port)), 5, "the port")
     with only(new, [new, second]):
-        wait_until(lambda: one_message(lambda: tcp_connect(port)) == ("1", new), 20, "the new worker to serve")
+        stamp = served_by(one_message(lambda: tcp_connect(port)))
+        assert stamp == ("1", new), stamp
     milter.terminate()
     milter.wait_stopped(15)
 
@@ -256,7 +250,7 @@ def test_systemd_socket_activation_with_workers(daemon: Callable[[str], Daemon])
     pids = worker_pids(milter, 2)
     for pid in pids:
         with only(pid, pids):
-            assert one_message(lambda: tcp_connect(port)) == ("1", pid)
+            assert served_by(one_message(lambda: tcp_connect(port))) == ("1", pid)
     milter.terminate()
     milter.wait_stopped(15)
 
@@ -287,7 +281,7 @@ def test_reload_under_load(daemon: Callable[[str], Daemon], workers: int) -> Non
                 milter.config.write_text(config(port, f"gen{number}", workers=workers, drain=60))
                 milter.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
                 wait_until(lambda: milter.output().count("] reloaded ") > reloads, 40, f"reload {number}")  # noqa: B023
-                assert one_message(lambda: tcp_connect(port))[0] == f"gen{number}"
+                assert served_by(one_message(lambda: tcp_connect(port)))[0] == f"gen{number}"
                 load.wait_for(f"gen{number}")
         assert load.errors == [], load.errors
         assert served_by(held.finish_message())[0] == "gen1"
