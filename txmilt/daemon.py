@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from typing_extensions import override
 
@@ -261,6 +262,9 @@ class Daemon(Service):
         except ConfigurationError as e:
             log.error("reload refused, still serving the previous configuration: {error}", error=str(e))
             return succeed(None)
+        except Exception:
+            log.failure("reload refused, still serving the previous configuration")
+            return succeed(None)
         kept = [name for name, value in _RESTART_ONLY.items() if value(config) != value(self.config)]
         if kept:
             log.warn(
@@ -271,12 +275,13 @@ class Daemon(Service):
         self._reloading.addBoth(self._reloaded)
         return self._reloading
 
-    def _reloaded(self, result: object) -> object:
+    def _reloaded(self, result: object) -> None:
         self._reloading = None
+        if isinstance(result, Failure):
+            log.failure("reload failed", result)
         if self._reload_again:
             self._reload_again = False
             self.reload()
-        return result
 
     @override
     def stopService(self) -> Deferred[None]:

@@ -294,7 +294,7 @@ class WorkerPool:
                 del self._respawns[slot]
         fresh: list[_Worker] = []
         for slot in range(1, slots + 1):
-            if not self._running:
+            if not self.serving:
                 return
             new = None
             if slot <= count:
@@ -303,6 +303,8 @@ class WorkerPool:
                 try:
                     await new.when_ready()
                 except WorkerStartError as e:
+                    if not self.serving:
+                        return  # stopped meanwhile
                     if not fresh:
                         self._source = previous
                     log.error(
@@ -344,6 +346,11 @@ class WorkerPool:
         """The workers' metrics, summed (served once the workers run)."""
         assert self._metrics is not None
         return self._metrics
+
+    @property
+    def serving(self) -> bool:
+        """Whether the workers serve (they were started and not stopped)."""
+        return self._running
 
     def pids(self) -> list[int]:
         """The process ids of the running workers."""
