@@ -294,7 +294,7 @@ class WorkerPool:
                 del self._respawns[slot]
         fresh: list[_Worker] = []
         for slot in range(1, slots + 1):
-            if not self.serving:
+            if not self.serving():
                 return
             new = None
             if slot <= count:
@@ -303,7 +303,7 @@ class WorkerPool:
                 try:
                     await new.when_ready()
                 except WorkerStartError as e:
-                    if not self.serving:
+                    if not self.serving():
                         return  # stopped meanwhile
                     if not fresh:
                         self._source = previous
@@ -347,7 +347,6 @@ class WorkerPool:
         assert self._metrics is not None
         return self._metrics
 
-    @property
     def serving(self) -> bool:
         """Whether the workers serve (they were started and not stopped)."""
         return self._running
