@@ -561,6 +561,11 @@ class ConfigSource:
     #: ``--listen`` descriptions, in place of the file's.
     listen: tuple[str, ...] = ()
 
+    @property
+    def origin(self) -> str:
+        """Where the configuration comes from, for log lines: the file, or the command line."""
+        return self.path if self.path is not None else "the command line"
+
     def reread(self) -> ConfigSource:
         """The source with the config file's current text; ConfigurationError if it cannot be read."""
         return self if self.path is None else replace(self, text=_read_text(self.path))

@@ -190,7 +190,7 @@ class InProcess:
         self.drain.timeout = config.drain_timeout
         log.info(
             "reloaded {path}: new connections get the new configuration, {count} open ones finish on the"
-            " previous one", path=source.path, count=len(self.factory.connections),
+            " previous one", path=source.origin, count=len(self.factory.connections),
         )
         return succeed(None)
 

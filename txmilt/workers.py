@@ -319,7 +319,7 @@ class WorkerPool:
                 old.retire(self._drain_timeout + KILL_GRACE)
         log.info(
             "reloaded {path}: {count} workers (pids {pids}) serve the new configuration; the previous ones"
-            " finish their open connections", path=source.path, count=len(fresh),
+            " finish their open connections", path=source.origin, count=len(fresh),
             pids=", ".join(str(worker.pid) for worker in fresh),
         )
 
