@@ -136,12 +136,19 @@ class ReloadTests(TempDirMixin):
         self.assertEqual(self.header(self.daemon.config), "X-One")
 
     def test_restart_only_settings(self) -> None:
-        """Changed listen addresses are kept until a restart, with one warning; the rest is reloaded."""
-        self.write("milter.toml", config_text("X-Two", listen="tcp:1:interface=127.0.0.1"))
-        self.daemon.reload()
-        (line,) = self.logs.matching("reload:")
-        self.assertEqual(line, "reload: listen changed; that takes effect when the daemon restarts")
-        self.assertEqual(len(self.server.reloads), 1)
+        """Changed listen addresses and a change to workers are kept until a restart, with one warning each time."""
+        changed = config_text("X-Two", listen="tcp:1:interface=127.0.0.1")
+        self.write("milter.toml", changed.replace("drain_timeout = 5", "drain_timeout = 5\nworkers = 2"))
+        for _ in range(2):
+            self.daemon.reload()
+            self.server.finish()
+        lines = self.logs.matching("reload:")
+        self.assertEqual(lines, [
+            "reload: listen, workers (one process or several) changed; that takes effect when the daemon restarts"
+        ] * 2)
+        for config in self.server.reloads:
+            self.assertEqual((config.listen, config.workers), (("tcp:0:interface=127.0.0.1",), 1))
+            self.assertEqual(self.header(config), "X-Two")
 
     def test_reloads_one_at_a_time(self) -> None:
         """SIGHUPs during a reload make one more reload once it is done."""

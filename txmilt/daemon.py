@@ -13,6 +13,7 @@ import os
 import signal
 import stat
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from twisted.application.service import Service
@@ -204,14 +205,15 @@ class InProcess:
         return self._observer.resource()
 
 
-#: Settings a reload cannot change: the sockets and supervised programs are the daemon's own.
-_RESTART_ONLY: dict[str, Callable[[DaemonConfig], object]] = {
-    "listen": lambda config: config.listen,
-    "metrics": lambda config: config.metrics,
-    "socket_group": lambda config: config.socket_group,
-    "command": lambda config: config.supervised,
-    "workers": lambda config: config.workers > 1,
-}
+#: What a reload cannot change (the sockets and supervised programs are the daemon's own):
+#: how the log names it, the DaemonConfig field it is in, and the part of that field that matters.
+_RESTART_ONLY: tuple[tuple[str, str, Callable[[Any], object]], ...] = (
+    ("listen", "listen", lambda listen: listen),
+    ("metrics", "metrics", lambda metrics: metrics),
+    ("socket_group", "socket_group", lambda group: group),
+    ("command", "supervised", lambda supervised: supervised),
+    ("workers (one process or several)", "workers", lambda workers: workers > 1),
+)
 
 
 class Daemon(Service):
@@ -265,11 +267,16 @@ class Daemon(Service):
         except Exception:
             log.failure("reload refused, still serving the previous configuration")
             return succeed(None)
-        kept = [name for name, value in _RESTART_ONLY.items() if value(config) != value(self.config)]
+        kept = [
+            (name, field) for name, field, part in _RESTART_ONLY
+            if part(getattr(config, field)) != part(getattr(self.config, field))
+        ]
         if kept:
             log.warn(
-                "reload: {names} changed; that takes effect when the daemon restarts", names=", ".join(kept)
+                "reload: {names} changed; that takes effect when the daemon restarts",
+                names=", ".join(name for name, _ in kept),
             )
+            config = replace(config, **{field: getattr(self.config, field) for _, field in kept})
         self.source, self.config = source, config
         self._reloading = self.server.reload(source, config)
         self._reloading.addBoth(self._reloaded)
