@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Install what the end-to-end tests need (Postfix, OpenDKIM, and libmilter-dev so that
-# the txmilt-check test can build pymilter) without leaving the system Postfix service
-# running or enabled.  Safe to run repeatedly.
+# Install what the end-to-end tests need (Postfix, OpenDKIM, HAProxy, and libmilter-dev so
+# that the txmilt-check test can build pymilter) without leaving the system services running
+# or enabled.  Safe to run repeatedly.
 set -euo pipefail
 
-PACKAGES=(postfix opendkim opendkim-tools libmilter-dev)
+PACKAGES=(postfix opendkim opendkim-tools haproxy libmilter-dev)
 export DEBIAN_FRONTEND=noninteractive
 
 SUDO=""
@@ -23,7 +23,7 @@ done
 stop_system_services() {
     # The package's postinst may have started the system instance; the tests
     # run private instances only, so make sure nothing system-wide lingers.
-    for svc in postfix opendkim; do
+    for svc in postfix opendkim haproxy; do
         if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
             $SUDO systemctl stop "$svc" >/dev/null 2>&1 || true
         elif command -v invoke-rc.d >/dev/null 2>&1; then

@@ -19,8 +19,11 @@ from tests.test_tap import without_prometheus_client
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.config import (
     DEFAULT_LISTEN,
+    ConfigSource,
     DaemonConfig,
+    SupervisedCommand,
     check_config,
+    cores,
     fallback_verdict,
     filter_spec,
     load_factory,
@@ -244,7 +247,7 @@ class ConfigErrorTests(ConfigTestCase):
         """A misspelt [[filter]] key is refused, naming the filter's number."""
         self.assert_refused(
             STAMP + '[[filter]]\nklass = "examples.header_stamp:HeaderStamp"\n',
-            "config [[filter]] #2: unknown key 'klass'", "known keys are after_changes, class, dry_run",
+            "config [[filter]] #2: unknown key 'klass'", "known keys are after_changes, class, command, dry_run",
         )
 
     def test_wrong_type_daemon(self) -> None:
@@ -519,3 +522,115 @@ class HelperTests(SynchronousTestCase):
             self.skipTest(f"txmilt.remote cannot be imported: {e}")
         spec = filter_spec({"remote": "inet:8892@127.0.0.1", "timeout": 4}, "test", 25.0, "tempfail")
         self.assertEqual((spec.name, spec.timeout), ("inet:8892@127.0.0.1", 4.0))
+
+
+REMOTE = '[[filter]]\nname = "dkim"\nremote = "inet:8892@127.0.0.1"\n'
+
+
+class WorkersSettingTests(ConfigTestCase):
+    """``workers``: a whole number of at least 1, or "auto" for one per core."""
+
+    def test_values(self) -> None:
+        self.assertEqual(check_config(parse(STAMP)).workers, 1)
+        self.assertEqual(check_config(parse("[daemon]\nworkers = 3\n" + STAMP)).workers, 3)
+        self.assertEqual(check_config(parse('[daemon]\nworkers = "auto"\n' + STAMP)).workers, cores())
+
+    def test_refused(self) -> None:
+        for value in ("0", '"many"', "true", "1.5"):
+            self.assert_refused(f"[daemon]\nworkers = {value}\n" + STAMP, "workers")
+        self.assert_refused("[daemon]\nworkers = 0\n" + STAMP, 'must be a whole number of at least 1 or "auto"')
+
+    def test_workers_need_handed_sockets(self) -> None:
+        """Only tcp, tcp6, unix and systemd sockets can be handed to workers."""
+        self.assert_refused(
+            '[daemon]\nworkers = 2\nlisten = ["ssl:8891:privateKey=key.pem"]\n' + STAMP,
+            "listen address 'ssl:8891:privateKey=key.pem' cannot be handed to worker processes",
+        )
+
+
+class SupervisedConfigTests(ConfigTestCase):
+    """``command``, ``env``, ``restart_delay`` and ``start_timeout`` on a remote filter."""
+
+    def test_command(self) -> None:
+        config = check_config(parse(
+            REMOTE + 'command = ["true", "-x"]\nenv = { TZ = "UTC" }\nrestart_delay = 3\nstart_timeout = 60\n'
+        ))
+        self.assertEqual(config.supervised, (
+            SupervisedCommand("dkim", "inet:8892@127.0.0.1", ("true", "-x"), (("TZ", "UTC"),), 3.0, 60.0),
+        ))
+        self.assertEqual([spec.name for spec in config.filters], ["dkim"])
+
+    def test_defaults(self) -> None:
+        (command,) = check_config(parse(REMOTE + 'command = ["true"]\n')).supervised
+        self.assertEqual((command.env, command.restart_delay, command.start_timeout), ((), 1.0, 30.0))
+        self.assertEqual(check_config(parse(REMOTE)).supervised, ())
+
+    def test_refused(self) -> None:
+        self.assert_refused(STAMP + 'command = ["true"]\n', "#1: command needs remote =")
+        self.assert_refused(REMOTE + "restart_delay = 2\n", "#1: restart_delay needs command = [...]")
+        self.assert_refused(REMOTE + "command = []\n", "#1: command must be a list of words")
+        self.assert_refused(REMOTE + 'command = ["true", 1]\n', "#1: command must be a list of words")
+        self.assert_refused(REMOTE + 'command = "true"\n', "#1: command = 'true' has the wrong type")
+        self.assert_refused(REMOTE + 'command = ["true"]\nenv = { N = 1 }\n', "#1: env values must be strings")
+        self.assert_refused(REMOTE + 'command = ["true"]\nrestart_delay = 0\n', "restart_delay must be positive")
+        self.assert_refused(REMOTE + 'command = ["true"]\nstart_timeout = -1\n', "start_timeout must be positive")
+
+    def test_program_must_exist(self) -> None:
+        """The program is looked up before anything listens, in the PATH its env gives."""
+        self.assert_refused(
+            REMOTE + 'command = ["no-such-milter"]\n',
+            "filter dkim: command 'no-such-milter' is not an executable in PATH",
+        )
+        self.assert_refused(
+            REMOTE + 'command = ["/nonexistent/milter"]\n', "command '/nonexistent/milter' is not an executable file"
+        )
+        self.assert_refused(REMOTE + 'command = ["true"]\nenv = { PATH = "/nonexistent" }\n', "(/nonexistent)")
+
+    def test_one_command_per_address(self) -> None:
+        self.assert_refused(
+            REMOTE + 'command = ["true"]\n' + REMOTE.replace("dkim", "other") + 'command = ["true"]\n',
+            "filters dkim and other both run a command for inet:8892@127.0.0.1",
+        )
+
+
+class ConfigSourceTests(SynchronousTestCase):
+    """ConfigSource: the file's text and the command line, built the same way anywhere."""
+
+    def setUp(self) -> None:
+        self.directory = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.directory)
+        self.path = os.path.join(self.directory, "milter.toml")
+        Path(self.path).write_text('[daemon]\ntimeout = 4\n' + STAMP)
+
+    def test_build(self) -> None:
+        """Command-line values win over the file's; --filter adds filters; --listen replaces the file's."""
+        source = ConfigSource(self.path, None, {"idle_timeout": 9.0, "default_timeout": 2.0},
+                              ("examples.word_rejecter:WordRejecter",), ("tcp:1:interface=127.0.0.1",)).reread()
+        config = source.build()
+        self.assertEqual((config.idle_timeout, config.listen), (9.0, ("tcp:1:interface=127.0.0.1",)))
+        self.assertEqual([spec.timeout for spec in config.filters], [2.0, 2.0])
+
+    def test_json_and_text(self) -> None:
+        """A source travels as JSON with the text it read: a later change of the file does not affect it."""
+        source = ConfigSource(self.path, None, {"workers": "auto"}).reread()
+        Path(self.path).write_text("[daemon\n")
+        copy = ConfigSource.from_json(source.to_json())
+        self.assertEqual(copy, source)
+        self.assertEqual(copy.build().default_timeout, 4.0)
+        self.assertRaises(ConfigurationError, copy.reread().build)
+
+    def test_unreadable(self) -> None:
+        Path(self.path).write_bytes(b"\xff\xfe")
+        source = ConfigSource(self.path)
+        self.assertIn("is not UTF-8 text", str(self.assertRaises(ConfigurationError, source.reread)))
+        os.remove(self.path)
+        self.assertIn("cannot read config file", str(self.assertRaises(ConfigurationError, source.reread)))
+
+    def test_listen_not_checked_in_a_worker(self) -> None:
+        """A worker, handed bound sockets, does not look at the listen addresses (systemd's are the daemon's)."""
+        source = ConfigSource(None, None, {}, (STAMP_CLASS,), ("systemd:domain=INET:index=0",))
+        self.assertRaises(ConfigurationError, source.build)
+        self.assertEqual(source.build(check_listen=False).listen, ("systemd:domain=INET:index=0",))
+
+
+STAMP_CLASS = "examples.header_stamp:HeaderStamp"

@@ -26,11 +26,13 @@ from examples.header_stamp import HeaderStamp
 from examples.word_rejecter import WordRejecter
 from tests.test_protocol import LogCapture
 from txmilt.codec import encode
-from txmilt.config import DEFAULT_LISTEN, SETTINGS, DaemonConfig
+from txmilt.config import DEFAULT_LISTEN, SETTINGS, DaemonConfig, cores
+from txmilt.daemon import Daemon, DrainService, InProcess, UnixSocketService
 from txmilt.errors import ConfigurationError
 from txmilt.messages import Accept, Continue, Negotiate, Reject, TempFail
 from txmilt.protocol import MilterFactory, MilterProtocol, VerifiedFilters
-from txmilt.tap import DrainService, Options, UnixSocketService, makeService
+from txmilt.tap import Options, makeService
+from txmilt.workers import WorkerPool
 
 STAMP = "examples.header_stamp:HeaderStamp"
 COUNTED = "tests.test_tap:CountedStamp"
@@ -391,6 +393,13 @@ class OptionErrorTests(TempDirMixin):
         self.assertIsNone(parsed("--filter", STAMP).metrics)
 
 
+def serving(top: MultiService) -> MilterFactory:
+    """The MilterFactory the daemon of ``top`` serves new connections with (in its own process)."""
+    (daemon,) = [child for child in top if isinstance(child, Daemon)]
+    assert isinstance(daemon.server, InProcess)
+    return daemon.server.factory.current
+
+
 class SettingsTests(SynchronousTestCase):
     """The options come from DaemonConfig's settings, and so does what makeService gives MilterFactory."""
 
@@ -431,9 +440,7 @@ class VerifyOnceTests(TempDirMixin):
         top = makeService(options)
         self.assertEqual(CountedStamp.made, 2)
         assert isinstance(top, MultiService) and options.config is not None
-        (listener,) = [child for child in top if isinstance(child, StreamServerEndpointService)]
-        assert isinstance(listener.factory, MilterFactory)
-        self.assertIs(listener.factory.filters, options.config.filters)
+        self.assertIs(serving(top).filters, options.config.filters)
 
     def test_factory_checks_unverified_filters(self) -> None:
         """MilterFactory given plain filters makes each once to check it; given VerifiedFilters, none."""
@@ -461,7 +468,7 @@ class MakeServiceTests(TempDirMixin):
         return [child for child in top if isinstance(child, StreamServerEndpointService)]
 
     def test_listeners(self) -> None:
-        """One listener per --listen, all sharing one MilterFactory, and a DrainService with the deadline."""
+        """The daemon binds every --listen for one MilterFactory and drains with the deadline; unix groups after."""
         sock = os.path.join(self.directory, "milter.sock")
         top = self.service(
             "--listen", "tcp:0:interface=127.0.0.1", "--listen", f"unix:{sock}", "--filter", STAMP,
@@ -469,10 +476,10 @@ class MakeServiceTests(TempDirMixin):
             "--progress-interval", "2", "--negotiation-timeout", "3", "--max-headers", "11",
             "--max-header-bytes", "999", "--max-body-size", "77", "--body-spool-threshold", "66",
         )
-        listeners = self.listeners(top)
-        self.assertEqual(len(listeners), 2)
-        (factory,) = {child.factory for child in listeners}
-        assert isinstance(factory, MilterFactory)
+        (daemon,) = [child for child in top if isinstance(child, Daemon)]
+        self.assertEqual(daemon.sockets.descriptions, ("tcp:0:interface=127.0.0.1", f"unix:{sock}:mode=660"))
+        self.assertEqual(self.listeners(top), [])
+        factory = serving(top)
         self.assertEqual(
             (factory.frame_limit, factory.idle_timeout, factory.max_connections, factory.progress_interval),
             (4096, 30.0, 5, 2.0),
@@ -483,26 +490,36 @@ class MakeServiceTests(TempDirMixin):
             (3.0, 11, 999, 77, 66),
         )
         self.assertIsNone(factory.observer)
-        (drain,) = [child for child in top if isinstance(child, DrainService)]
-        self.assertEqual((drain.factory, drain.timeout), (factory, 7.0))
+        assert isinstance(daemon.server, InProcess)
+        self.assertEqual((daemon.server.drain.factory, daemon.server.drain.timeout), (daemon.server.factory, 7.0))
         (sockets,) = [child for child in top if isinstance(child, UnixSocketService)]
         self.assertEqual((sockets.path, sockets.group), (sock, None))
         children = list(top)
-        self.assertLess(children.index(listeners[1]), children.index(sockets))
+        self.assertLess(children.index(daemon), children.index(sockets))
 
     def test_metrics(self) -> None:
         """--metrics adds a web listener and gives the factory a metrics observer."""
         top = self.service("--filter", STAMP, "--metrics", "tcp:0:interface=127.0.0.1")
-        milter, metrics = self.listeners(top)
-        assert isinstance(milter.factory, MilterFactory)
-        self.assertIsNotNone(milter.factory.observer)
+        (metrics,) = self.listeners(top)
+        self.assertIsNotNone(serving(top).observer)
         self.assertIsInstance(metrics.factory, Site)
 
     def test_default_listen(self) -> None:
-        """Without --listen there is one listener, and no metrics."""
+        """Without --listen the daemon binds the default address, and there are no metrics."""
         top = self.service("--filter", STAMP)
-        (listener,) = self.listeners(top)
-        self.assertIsInstance(listener.factory, MilterFactory)
+        (daemon,) = [child for child in top if isinstance(child, Daemon)]
+        self.assertEqual(daemon.sockets.descriptions, (DEFAULT_LISTEN,))
+        self.assertEqual(self.listeners(top), [])
+
+    def test_workers(self) -> None:
+        """--workers 2 serves in a pool of worker processes; auto means one per core; 1 serves in the daemon."""
+        for given, count in (("2", 2), ("auto", cores()), ("AUTO", cores())):
+            top = self.service("--filter", STAMP, "--workers", given)
+            (daemon,) = [child for child in top if isinstance(child, Daemon)]
+            self.assertEqual(daemon.config.workers, count)
+            self.assertIsInstance(daemon.server, WorkerPool if count > 1 else InProcess)
+        (daemon,) = [child for child in self.service("--filter", STAMP) if isinstance(child, Daemon)]
+        self.assertIsInstance(daemon.server, InProcess)
 
     def test_stale_socket_removed(self) -> None:
         """A stale socket at a --listen path is removed before listening."""

@@ -41,7 +41,6 @@ from txmilt.merge import REFUSALS, ChangeMerger, describe, merge_verdicts
 from txmilt.messages import (
     Abort,
     Accept,
-    Action,
     BodyChunk,
     Command,
     Connect,
@@ -95,7 +94,6 @@ OVER_LIMIT_REPLIES = {
 }
 
 _CONTINUE = Continue()
-_HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
 _CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
 _SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
 

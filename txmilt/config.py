@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
+import os
+import shutil
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -43,14 +46,25 @@ FALLBACKS: Mapping[str, Callable[[], FilterVerdict]] = {
     "reject": Reject,
 }
 
-#: How a setting is written: a whole number, seconds, text, a listen address, a fallback name.
-SettingKind: TypeAlias = Literal["count", "seconds", "text", "address", "fallback"]
+#: How a setting is written: a whole number, seconds, text, a listen address, a fallback name, a process count.
+SettingKind: TypeAlias = Literal["count", "seconds", "text", "address", "fallback", "workers"]
 #: Raises ConfigurationError, naming the setting by its label, for a value out of range.
 RangeCheck: TypeAlias = Callable[[str, Any], None]
 
 _TOML_TYPES: Final[Mapping[SettingKind, tuple[type, ...]]] = {
     "count": (int,), "seconds": (int, float), "text": (str,), "address": (str,), "fallback": (str,),
+    "workers": (int, str),
 }
+#: The listen kinds a worker process can be handed (Twisted adopts a bound socket of these families).
+WORKER_LISTEN_KINDS: Final = ("tcp", "tcp6", "unix", "systemd")
+
+
+def cores() -> int:
+    """How many cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _not_negative(label: str, value: float) -> None:
@@ -73,9 +87,37 @@ def _chain_order(label: str, value: str) -> None:
         raise ConfigurationError(f"{label} must be one of {', '.join(CHAIN_ORDERS)}, not {value!r}")
 
 
+def _workers(label: str, value: int | str) -> None:
+    if isinstance(value, str) or value < 1:
+        raise ConfigurationError(f'{label} must be a whole number of at least 1 or "auto", not {value!r}')
+
+
 def _frame_limit(label: str, value: int) -> None:
     if not 0 < value <= ABSOLUTE_FRAME_LIMIT:
         raise ConfigurationError(f"{label} {value} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
+
+
+#: Keys of a remote [[filter]] table that have the daemon run that milter itself.
+_COMMAND_KEYS: Final = ("command", "env", "restart_delay", "start_timeout")
+#: Seconds before a supervised milter that died is started again (doubled while it keeps dying young).
+DEFAULT_RESTART_DELAY = 1.0
+#: Seconds a supervised milter has to accept connections at start before the daemon serves without it.
+DEFAULT_START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class SupervisedCommand:
+    """An external milter the daemon runs itself: a ``remote`` filter's ``command``."""
+
+    #: The filter's name, used in logs.
+    name: str
+    #: The filter's ``remote`` address, where the program must accept connections.
+    address: str
+    command: tuple[str, ...]
+    #: Variables added to the daemon's own environment for the program.
+    env: tuple[tuple[str, str], ...] = ()
+    restart_delay: float = DEFAULT_RESTART_DELAY
+    start_timeout: float = DEFAULT_START_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -103,6 +145,14 @@ class DaemonConfig:
 
     listen: tuple[str, ...] = ()
     filters: tuple[FilterSpec, ...] = ()
+    #: External milters that remote filters with a ``command`` have the daemon run.
+    supervised: tuple[SupervisedCommand, ...] = ()
+    workers: int = _setting(
+        1, "workers",
+        "Processes serving the listen sockets, bound once by the daemon; each has its own limits (max"
+        " connections and the rest); auto: one per core (default {default}).",
+        check=_workers,
+    )
     metrics: str | None = _setting(
         None, "address",
         "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1); needs pip install 'txmilt[metrics]'.",
@@ -208,6 +258,8 @@ class Setting(NamedTuple):
             return float(raw)
         if self.kind == "address":
             return to_strports(raw)
+        if self.kind == "workers" and isinstance(raw, str) and raw.strip().lower() == "auto":
+            return cores()
         return raw
 
     def check_value(self, value: Any, label: str, where: str = "") -> None:
@@ -247,6 +299,10 @@ _FILTER_KEYS = {
     "after_changes": bool,
     "when": dict,
     "options": dict,
+    "command": list,
+    "env": dict,
+    "restart_delay": (int, float),
+    "start_timeout": (int, float),
 }
 
 
@@ -326,6 +382,51 @@ def filter_spec(
     )
 
 
+def supervised_command(table: Mapping[str, Any], where: str, name: str) -> SupervisedCommand | None:
+    """The program a ``[[filter]]`` table has the daemon run (its ``command``), or None if it names none."""
+    if "command" not in table:
+        stray = [key for key in _COMMAND_KEYS if key in table]
+        if stray:
+            raise ConfigurationError(f"{where}: {stray[0]} needs command = [...], the program the daemon runs")
+        return None
+    if "remote" not in table:
+        raise ConfigurationError(
+            f"{where}: command needs remote = \"inet:PORT@HOST\", the address where the program accepts connections"
+        )
+    command = table["command"]
+    if not command or not all(isinstance(part, str) and part for part in command):
+        raise ConfigurationError(f'{where}: command must be a list of words such as ["opendkim", "-f"]: {command!r}')
+    env = table.get("env", {})
+    if not all(isinstance(value, str) for value in env.values()):
+        raise ConfigurationError(f"{where}: env values must be strings, not {env!r}")
+    restart_delay = float(table.get("restart_delay", DEFAULT_RESTART_DELAY))
+    _positive(f"{where}: restart_delay", restart_delay)
+    start_timeout = float(table.get("start_timeout", DEFAULT_START_TIMEOUT))
+    _positive(f"{where}: start_timeout", start_timeout)
+    return SupervisedCommand(name, table["remote"], tuple(command), tuple(env.items()), restart_delay, start_timeout)
+
+
+def _read_text(path: str) -> str:
+    """The text of a config file; ConfigurationError if it cannot be read."""
+    try:
+        with open(path, "rb") as file:
+            return file.read().decode("utf-8")
+    except OSError as e:
+        raise ConfigurationError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigurationError(f"config file {path} is not UTF-8 text: {e}") from e
+
+
+def _parse_text(
+    text: str, path: str, *, default_timeout: float | None = None, default_fallback: str | None = None
+) -> DaemonConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from e
+    return parse_config(data, path, default_timeout=default_timeout, default_fallback=default_fallback)
+
+
 def read_config(
     path: str, *, default_timeout: float | None = None, default_fallback: str | None = None
 ) -> DaemonConfig:
@@ -334,14 +435,7 @@ def read_config(
     ``default_timeout`` and ``default_fallback`` (from the command line) take
     the place of ``[daemon]``'s ``timeout`` and ``fallback``.
     """
-    try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-    except OSError as e:
-        raise ConfigurationError(f"cannot read config file {path}: {e.strerror}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigurationError(f"config file {path} is not valid TOML: {e}") from e
-    return parse_config(data, path, default_timeout=default_timeout, default_fallback=default_fallback)
+    return _parse_text(_read_text(path), path, default_timeout=default_timeout, default_fallback=default_fallback)
 
 
 def parse_config(
@@ -380,19 +474,27 @@ def parse_config(
         listen = [listen]
     if not all(isinstance(spec, str) for spec in listen):
         raise ConfigurationError(f"{where} [daemon]: listen = {listen!r} must be a list of strings")
-    filters = tuple(
-        filter_spec(table, f"{where} [[filter]] #{number}", config.default_timeout, config.default_fallback)
-        for number, table in enumerate(tables, 1)
+    filters = []
+    supervised = []
+    for number, table in enumerate(tables, 1):
+        spec = filter_spec(table, f"{where} [[filter]] #{number}", config.default_timeout, config.default_fallback)
+        filters.append(spec)
+        command = supervised_command(table, f"{where} [[filter]] #{number}", spec.name)
+        if command is not None:
+            supervised.append(command)
+    return replace(
+        config, listen=tuple(to_strports(spec) for spec in listen) or (DEFAULT_LISTEN,), filters=tuple(filters),
+        supervised=tuple(supervised),
     )
-    return replace(config, listen=tuple(to_strports(spec) for spec in listen) or (DEFAULT_LISTEN,), filters=filters)
 
 
-def check_config(config: DaemonConfig, *, require_filters: bool = True) -> DaemonConfig:
+def check_config(config: DaemonConfig, *, require_filters: bool = True, check_listen: bool = True) -> DaemonConfig:
     """The config with defaults filled in; ConfigurationError for values out of range.
 
     Every filter is created once (its specs come back as VerifiedFilters, which
     neither this nor MilterFactory tries again), and every listen description
-    parsed, so that mistakes show before anything listens.
+    parsed (unless ``check_listen`` is false: a worker is handed bound sockets),
+    so that mistakes show before anything listens.
     """
     for setting in SETTINGS:
         setting.check_value(getattr(config, setting.name), setting.name)
@@ -402,11 +504,36 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True) -> Daemo
     if not isinstance(filters, VerifiedFilters):
         filters = VerifiedFilters.verify(filters)
     listen = config.listen or (DEFAULT_LISTEN,)
-    for description in (*listen, *([config.metrics] if config.metrics else [])):
+    if config.workers > 1:
+        for description in listen:
+            if description.split(":", 1)[0].lower() not in WORKER_LISTEN_KINDS:
+                raise ConfigurationError(
+                    f"listen address {description!r} cannot be handed to worker processes; with workers, listen"
+                    f" on {', '.join(WORKER_LISTEN_KINDS)} addresses"
+                )
+    for description in (*(listen if check_listen else ()), *([config.metrics] if config.metrics else [])):
         check_strports(description)
+    _check_supervised(config.supervised)
     if config.metrics:
         _require_metrics()
     return replace(config, listen=listen, filters=filters)
+
+
+def _check_supervised(commands: tuple[SupervisedCommand, ...]) -> None:
+    """ConfigurationError for a program that cannot be found, or two programs for one address."""
+    runs: dict[str, str] = {}
+    for supervised in commands:
+        if supervised.address in runs:
+            raise ConfigurationError(
+                f"filters {runs[supervised.address]} and {supervised.name} both run a command for"
+                f" {supervised.address}; give the command to one of them"
+            )
+        runs[supervised.address] = supervised.name
+        program = supervised.command[0]
+        search = dict(supervised.env).get("PATH", os.environ.get("PATH", os.defpath))
+        if shutil.which(program, path=search) is None:
+            where = "is not an executable file" if os.sep in program else f"is not an executable in PATH ({search})"
+            raise ConfigurationError(f"filter {supervised.name}: command {program!r} {where}")
 
 
 def _require_metrics() -> None:
@@ -417,3 +544,70 @@ def _require_metrics() -> None:
         raise ConfigurationError(
             "metrics need the prometheus_client package, which is not installed: pip install 'txmilt[metrics]'"
         ) from None
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """What the daemon's configuration is built from: the config file's text and the command line.
+
+    A reload reads the file again (``reread``); a worker process gets the very
+    text the daemon checked (``to_json``), so both build the same configuration.
+    """
+
+    #: The config file, if one is given.
+    path: str | None = None
+    #: Its text as last read.
+    text: str | None = None
+    #: Setting values given on the command line, by DaemonConfig field name.
+    options: Mapping[str, Any] = field(default_factory=dict)
+    #: ``--filter`` paths, after the file's filters.
+    filters: tuple[str, ...] = ()
+    #: ``--listen`` descriptions, in place of the file's.
+    listen: tuple[str, ...] = ()
+
+    @property
+    def origin(self) -> str:
+        """Where the configuration comes from, for log lines: the file, or the command line."""
+        return self.path if self.path is not None else "the command line"
+
+    def reread(self) -> ConfigSource:
+        """The source with the config file's current text; ConfigurationError if it cannot be read."""
+        return self if self.path is None else replace(self, text=_read_text(self.path))
+
+    def build(self, *, check_listen: bool = True) -> DaemonConfig:
+        """The checked configuration (filters made once each); ConfigurationError names the key at fault.
+
+        ``check_listen``: whether to check the listen addresses (a worker is handed bound sockets instead).
+        """
+        given = [setting for setting in SETTINGS if setting.name in self.options]
+        overrides = {setting.name: setting.value(self.options[setting.name]) for setting in given}
+        for setting in given:
+            if setting.name in ("default_timeout", "default_fallback"):  # the file's filters are made with them
+                setting.check_value(overrides[setting.name], f"--{setting.option}")
+        config = DaemonConfig()
+        if self.path is not None:
+            text = self.text if self.text is not None else _read_text(self.path)
+            config = _parse_text(
+                text, self.path, default_timeout=overrides.get("default_timeout"),
+                default_fallback=overrides.get("default_fallback"),
+            )
+        config = replace(config, **overrides)
+        extra = tuple(
+            filter_spec({"class": path}, f"--filter {path}", config.default_timeout, config.default_fallback)
+            for path in self.filters
+        )
+        config = replace(config, filters=config.filters + extra, listen=self.listen or config.listen)
+        return check_config(config, check_listen=check_listen)
+
+    def to_json(self) -> str:
+        """The source as JSON (command-line values are numbers and strings)."""
+        return json.dumps({
+            "path": self.path, "text": self.text, "options": dict(self.options), "filters": list(self.filters),
+            "listen": list(self.listen),
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> ConfigSource:
+        """The source ``to_json`` wrote."""
+        data = json.loads(text)
+        return cls(data["path"], data["text"], data["options"], tuple(data["filters"]), tuple(data["listen"]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import grp
 import os
 import re
 import socket
@@ -106,6 +107,21 @@ def unix_socket_path(description: str) -> str | None:
     if description.lower().startswith("unix:"):
         return _unix_path(description)
     return None
+
+
+def group_id(name: str) -> int:
+    """The id of the group ``name``; ConfigurationError if there is none."""
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigurationError(f"socket group {name!r} does not exist") from None
+
+
+def check_socket_directory(path: str) -> None:
+    """ConfigurationError if the directory of socket ``path`` does not exist."""
+    directory = os.path.dirname(path)
+    if directory and not os.path.isdir(directory):
+        raise ConfigurationError(f"directory {directory} for socket {path} does not exist")
 
 
 def stale_socket(path: str) -> bool:

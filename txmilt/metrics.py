@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
 
@@ -42,6 +43,7 @@ class MetricsObserver:
         )
         self.open_connections = Gauge(
             "txmilt_connections_open", "MTA connections open now.", registry=self.registry,
+            multiprocess_mode="livesum",  # with workers: the sum over the live ones
         )
         self.connection_total = Counter(
             "txmilt_connections", "MTA connections accepted.", registry=self.registry,
@@ -88,8 +90,29 @@ class MetricsObserver:
 
     def resource(self) -> Resource:
         """A twisted.web resource serving the metrics in Prometheus' text format."""
-        root = Resource()
-        metrics = MetricsResource(registry=self.registry)  # type: ignore[no-untyped-call]
-        root.putChild(b"metrics", metrics)
-        root.putChild(b"", metrics)
-        return root
+        return serve_registry(Resource(), self.registry)
+
+
+def serve_registry(root: Resource, registry: CollectorRegistry) -> Resource:
+    """Serve ``registry`` in Prometheus' text format at ``root`` and ``root``'s ``/metrics``; returns ``root``."""
+    metrics = MetricsResource(registry=registry)  # type: ignore[no-untyped-call]
+    root.putChild(b"metrics", metrics)
+    root.putChild(b"", metrics)
+    return root
+
+
+def workers_registry(directory: str) -> CollectorRegistry:
+    """The metrics of every worker process, summed from the files they keep in ``directory``.
+
+    Workers started with ``PROMETHEUS_MULTIPROC_DIR`` set to ``directory`` keep
+    their values there (prometheus_client's multiprocess mode); the counts of a
+    worker that has exited stay in the sums, its open connections do not.
+    """
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return registry
+
+
+def forget_worker(pid: int, directory: str) -> None:
+    """Drop the gauges of an exited worker from the sums (its counts stay)."""
+    mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]

@@ -484,6 +484,14 @@ class MilterFactory(Factory):
         self.deadlines = Deadlines(self.clock)
         self._ids = itertools.count(1)
 
+    def take_over(self, previous: MilterFactory) -> None:
+        """Serve new connections in ``previous``'s place (a reload) while its open ones finish.
+
+        Those still count toward ``max_connections`` (and a drain), and connection ids go on from its.
+        """
+        self.connections = previous.connections
+        self._ids = previous._ids
+
     @override
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if len(self.connections) >= self.max_connections:

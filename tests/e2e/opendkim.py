@@ -92,8 +92,8 @@ class OpenDKIM:
             "",
         ])
 
-    def start(self) -> Self:
-        """Generate the key, write the config, start OpenDKIM and wait until it listens."""
+    def prepare(self) -> list[str]:
+        """Generate the key and write the config; the command that runs OpenDKIM in the foreground with them."""
         subprocess.run(
             [str(_tool("opendkim-genkey")), "-b", "2048", "-d", self.domain, "-s", self.selector,
              "-D", str(self.directory)],
@@ -101,11 +101,13 @@ class OpenDKIM:
         )
         config = self.directory / "opendkim.conf"
         config.write_text(self.config_text(), encoding="ascii")
+        return [str(_tool("opendkim")), "-f", "-x", str(config)]
+
+    def start(self) -> Self:
+        """Generate the key, write the config, start OpenDKIM and wait until it listens."""
+        command = self.prepare()
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [str(_tool("opendkim")), "-f", "-x", str(config)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
         while not is_listening(self.port):
             if self.process.poll() is not None or time.monotonic() > deadline:

@@ -9,9 +9,15 @@ are skipped rather than hanging. trial ignores this package's plain functions.
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .test_daemon import Daemon
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -30,3 +36,32 @@ def reactor() -> Any:
     from twisted.internet import reactor
 
     return reactor
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
+    """Make Daemons in a temporary directory; every process is killed after the test."""
+    made: list[Daemon] = []
+
+    def make(config: str) -> Daemon:
+        made.append(Daemon(tmp_path, config))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for one in made:
+            one.kill()
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short temporary directory for unix sockets (their paths are limited to about 100 bytes)."""
+    path = Path(f"/tmp/txmilt-{os.getpid()}-{time.monotonic_ns()}")
+    path.mkdir(mode=0o700)
+    try:
+        yield path
+    finally:
+        for child in path.iterdir():
+            child.unlink()
+        path.rmdir()

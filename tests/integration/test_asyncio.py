@@ -11,7 +11,6 @@ import pytest
 
 from tests.integration import test_daemon
 from tests.integration.test_daemon import MTA, Daemon, free_port, tcp_connect
-from tests.integration.test_daemon import daemon as daemon  # the fixture
 from txmilt.messages import AddHeader, Connect, Continue, Family, Helo, Macros, MailFrom, RcptTo, Reject, TempFail
 
 ANSWERS = {"spam@example.net": "REJECT No spam here"}

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -233,35 +233,6 @@ class Daemon:
             self.process.wait(10)
 
 
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[[str], Daemon]]:
-    """Make Daemons in a temporary directory; every process is killed after the test."""
-    made: list[Daemon] = []
-
-    def make(config: str) -> Daemon:
-        made.append(Daemon(tmp_path, config))
-        return made[-1]
-
-    try:
-        yield make
-    finally:
-        for one in made:
-            one.kill()
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short temporary directory for unix sockets (their paths are limited to about 100 bytes)."""
-    path = Path(f"/tmp/txmilt-{os.getpid()}-{time.monotonic_ns()}")
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
-
-
 FILTERS = """
 [[filter]]
 name = "words"
@@ -422,6 +393,7 @@ def test_help_lists_every_option() -> None:
         "--listen", "--filter", "--config", "--metrics", "--frame-limit", "--idle-timeout", "--max-connections",
         "--drain-timeout", "--progress-interval", "--timeout", "--fallback", "--socket-group",
         "--negotiation-timeout", "--max-headers", "--max-header-bytes", "--max-body-size", "--body-spool-threshold",
+        "--workers",
     ):
         assert option in result.stdout
 

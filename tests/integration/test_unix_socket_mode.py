@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +16,6 @@ from txmilt.errors import ConfigurationError
 from txmilt.listen import to_strports
 from txmilt.protocol import MilterFactory
 from txmilt.testing import RecordingMilter
-
-
-@pytest.fixture
-def sock_dir() -> Iterator[Path]:
-    """A short directory for sockets (their paths are limited to about 100 bytes)."""
-    path = Path(f"/tmp/txm-mode-{os.getpid()}-{time.monotonic_ns()}")
-    path.mkdir(mode=0o700)
-    try:
-        yield path
-    finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
 
 
 @pytest.mark.parametrize(("spec", "mode"), [
