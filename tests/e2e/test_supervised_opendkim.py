@@ -1,7 +1,8 @@
 """OpenDKIM run by the daemon itself (a remote filter's ``command``) behind a real Postfix, killed mid-run.
 
-The variant with ``when = { authenticated = true }`` on the OpenDKIM filter (an authenticated
-submission signed, an unauthenticated one not) belongs in this module, next to this test.
+With ``when = { authenticated = true }`` only authenticated submissions reach it. The client
+authenticates with Postfix's XCLIENT ``LOGIN``, which sets the SASL login name, hence the
+``{auth_authen}`` macro, as a real SASL login would.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import os
 import re
 import signal
+import smtplib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -87,3 +89,53 @@ def test_supervised_opendkim_signs_and_comes_back(bench: Bench, signer: OpenDKIM
     output = supervising.daemon.output()[mark:]
     assert len(re.findall(rf"\(pid {pid}\)", output)) == 1, output  # one line about the death
 
+
+
+@pytest.fixture(scope="module")
+def user_signer() -> Iterator[OpenDKIM]:
+    """A second OpenDKIM key and config (its own port), for the daemon below to run."""
+    reason = opendkim_available()
+    if reason is not None:
+        pytest.skip(reason)
+    keys = OpenDKIM(domain="example.org", selector="users")
+    try:
+        yield keys
+    finally:
+        keys.cleanup()
+
+
+@pytest.fixture(scope="module")
+def signing_for_users(bench: Bench, user_signer: OpenDKIM) -> TappedMilter:
+    """A daemon running OpenDKIM as a supervised member asked only for authenticated submissions."""
+    bench.postfix.set_main_cf({"smtpd_authorized_xclient_hosts": "127.0.0.0/8"})
+    return bench.start_milter("supervised-opendkim-when", [
+        {"name": "opendkim", "remote": user_signer.spec, "command": user_signer.prepare(), "timeout": 10,
+         "when": {"authenticated": True}},
+    ])
+
+
+def submit(bench: Bench, token: str, login: str | None) -> None:
+    """Send one message from 127.0.0.1, first authenticating as ``login`` with XCLIENT if given."""
+    host, port = bench.postfix.smtp_address
+    with smtplib.SMTP(host, port, local_hostname="client.example.org", timeout=60) as client:
+        client.ehlo()
+        if login is not None:
+            code, text = client.docmd("XCLIENT", f"LOGIN={login}")
+            assert code == 220, (code, text)
+            client.ehlo()
+        client.sendmail("alice@example.org", ["bob@example.net"], make_message(f"when {login}", token))
+
+
+def test_when_authenticated(bench: Bench, user_signer: OpenDKIM, signing_for_users: TappedMilter) -> None:
+    """An authenticated submission is signed (and verifies); an unauthenticated one passes OpenDKIM by."""
+    dkim: Any = importlib.import_module("dkim")
+    bench.use(signing_for_users)
+    signing_for_users.wait_for_log(r"supervised milter opendkim accepts connections", timeout=30)
+    user, anonymous = bench.token("when-user"), bench.token("when-anonymous")
+    submit(bench, user, "alice")
+    submit(bench, anonymous, None)
+    signed_copy = bench.delivered(user)
+    assert header_fields(signed_copy)[0].startswith("DKIM-Signature:"), header_fields(signed_copy)
+    assert dkim.verify(signed_copy.data, dnsfunc=user_signer.dnsfunc) is True
+    unsigned = bench.delivered(anonymous)
+    assert not [f for f in header_fields(unsigned) if f.startswith("DKIM-Signature:")], header_fields(unsigned)
