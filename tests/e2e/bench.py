@@ -24,6 +24,7 @@ __all__ = [
     "MILTER_MAIN_CF",
     "Bench",
     "Conversation",
+    "SmtpdMilter",
     "TappedMilter",
     "header_fields",
     "make_message",
@@ -80,6 +81,10 @@ class TappedMilter:
         """Stop the tap and the daemon; the daemon's exit status."""
         self.tap.stop()
         return self.daemon.stop()
+
+
+#: What ``Bench.use`` takes: a daemon behind a tap, or a milter address in Postfix's notation.
+SmtpdMilter = TappedMilter | str
 
 
 @dataclass
@@ -153,7 +158,7 @@ class Bench:
         self.postfix = postfix
         self.sink = sink
         self.milters: list[TappedMilter] = []
-        self.current: TappedMilter | None = None
+        self.current: tuple[SmtpdMilter, ...] = ()
         self._counter = 0
 
     # -- milters
@@ -174,17 +179,21 @@ class Bench:
         self.milters.append(milter)
         return milter
 
-    def use(self, milter: TappedMilter | None) -> None:
+    def use(self, milter: SmtpdMilter | Sequence[SmtpdMilter] | None) -> None:
         """Point Postfix's ``smtpd_milters`` and ``non_smtpd_milters`` at ``milter`` (None: none), reloading if needed.
 
-        The milter's tap forgets the sessions of earlier tests.
+        A list gives ``smtpd_milters = a, b, c`` in that order; a string is a
+        milter address in Postfix's notation (a milter not behind a tap). The
+        taps forget the sessions of earlier tests.
         """
-        if milter is not self.current:
-            spec = milter.spec if milter is not None else ""
+        chosen = () if milter is None else (milter,) if isinstance(milter, TappedMilter | str) else tuple(milter)
+        if chosen != self.current:
+            spec = ", ".join(m if isinstance(m, str) else m.spec for m in chosen)
             self.postfix.set_main_cf({"smtpd_milters": spec, "non_smtpd_milters": spec})
-            self.current = milter
-        if milter is not None:
-            milter.tap.clear()
+            self.current = chosen
+        for each in chosen:
+            if isinstance(each, TappedMilter):
+                each.tap.clear()
 
     def stop_milters(self) -> dict[str, int | None]:
         """Stop every daemon; their exit statuses by name."""

@@ -286,6 +286,24 @@ class Reporter(Milter):
         return None
 
 
+class ClientStamp(Milter):
+    """Asks for ``{client_addr}`` alone at connect and adds ``X-Client-Addr`` with the value it got."""
+
+    actions = Action.ADD_HEADERS
+    macro_requests: ClassVar[Mapping[MacroStage, Sequence[str]]] = {MacroStage.CONNECT: ("{client_addr}",)}
+
+    def __init__(self) -> None:
+        self.client: str | None = None
+
+    def connect(self, command: Connect) -> Result:
+        self.client = self.macros.get("client_addr")
+        return None
+
+    def end_of_message(self, changes: Changes) -> Result:
+        changes.add_header("X-Client-Addr", self.client or "(none)")
+        return None
+
+
 class Troublemaker(Milter):
     """A coroutine end of message that is slow or fails, chosen by the message's Subject.
 

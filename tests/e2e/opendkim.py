@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -50,11 +51,14 @@ class OpenDKIM:
         selector: str = "txmilt",
         *,
         canonicalization: str = "relaxed/simple",
+        extra_config: Sequence[str] = (),
         startup_timeout: float = 15.0,
     ) -> None:
         self.domain = domain
         self.selector = selector
         self.canonicalization = canonicalization
+        #: More opendkim.conf lines (``"MTA mx.example.net"``), after the generated ones.
+        self.extra_config = tuple(extra_config)
         self.port = free_port()
         self.startup_timeout = startup_timeout
         self.directory = Path(tempfile.mkdtemp(prefix="txmilt-opendkim-"))
@@ -65,6 +69,11 @@ class OpenDKIM:
     def spec(self) -> str:
         """Its address as libmilter spells it (for a ``remote =`` filter)."""
         return f"inet:{self.port}@127.0.0.1"
+
+    @property
+    def postfix_spec(self) -> str:
+        """Its address as Postfix spells it (for ``smtpd_milters``)."""
+        return f"inet:127.0.0.1:{self.port}"
 
     @property
     def key_path(self) -> Path:
@@ -89,6 +98,7 @@ class OpenDKIM:
             "Syslog no",
             # The key lives under /tmp, which other users can write to; OpenDKIM refuses that by default.
             "RequireSafeKeys no",
+            *self.extra_config,
             "",
         ])
 
