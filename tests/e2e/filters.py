@@ -304,6 +304,48 @@ class ClientStamp(Milter):
         return None
 
 
+class Witness(Milter):
+    """Adds ``X-Witness`` summing up the headers and body it saw: counts and SHA-256 prefixes.
+
+    Put after filters that change the message, it shows whether the MTA (or the
+    chain) showed it their changes, and exactly how: header values as stored,
+    with the space after the colon.
+    """
+
+    actions = Action.ADD_HEADERS
+    leading_space = True
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.headers: list[tuple[str, str]] = []
+        self.body_digest = hashlib.sha256()
+        self.body_size = 0
+
+    def header(self, command: Header) -> Result:
+        self.headers.append((command.name, command.value))
+        return None
+
+    def body(self, command: BodyChunk) -> Result:
+        self.body_digest.update(command.data)
+        self.body_size += len(command.data)
+        return None
+
+    def end_of_message(self, changes: Changes) -> Result:
+        seen = json.dumps(self.headers).encode("utf-8", "surrogateescape")
+        changes.add_header("X-Witness", (
+            f" headers={len(self.headers)} {hashlib.sha256(seen).hexdigest()[:16]}"
+            f" body={self.body_size} {self.body_digest.hexdigest()[:16]}"
+        ))
+        self._reset()
+        return None
+
+    def abort(self) -> Result:
+        self._reset()
+        return None
+
+
 class Troublemaker(Milter):
     """A coroutine end of message that is slow or fails, chosen by the message's Subject.
 
