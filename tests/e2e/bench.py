@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .milterd import MilterDaemon
+from .milterd import MilterDaemon, start_daemons
 from .postfix import PostfixInstance
 from .sink import SinkMessage, SMTPSink
 from .wiretap import WireTap
@@ -26,6 +26,7 @@ __all__ = [
     "Conversation",
     "SmtpdMilter",
     "TappedMilter",
+    "converse",
     "header_fields",
     "make_message",
     "split_fields",
@@ -151,6 +152,48 @@ def wait_delivered(sink: SMTPSink, token: str, timeout: float = 15.0) -> SinkMes
         time.sleep(0.02)
 
 
+def converse(
+    address: tuple[str, int],
+    message: bytes,
+    *,
+    sender: str = "alice@example.org",
+    recipients: Sequence[str] = ("bob@example.net",),
+    source: str = "127.0.0.1",
+    helo: str = "client.example.org",
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> Conversation:
+    """Run one transaction with the SMTP server at ``address`` step by step, recording every answer.
+
+    It stops at a refused MAIL or when no recipient was accepted.
+    """
+    host, port = address
+    client = smtplib.SMTP(local_hostname=helo, timeout=60, source_address=(source, 0))
+    try:
+        talk = Conversation(client.connect(host, port))
+        if talk.greeting[0] == 421:
+            return talk  # the server hangs up; with 554 it answers (refuses) later commands
+        talk.ehlo = client.ehlo()
+        talk.mail = client.mail(sender, list(mail_options))
+        if talk.mail[0] != 250:
+            return talk
+        for recipient in recipients:
+            talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
+        if not any(code == 250 for code, _ in talk.rcpt.values()):
+            return talk
+        try:
+            talk.data = client.data(message)
+        except smtplib.SMTPDataError as e:
+            error = e.smtp_error
+            talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
+        return talk
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
 class Bench:
     """One Postfix, its sink, and the milter daemons it can be pointed at."""
 
@@ -178,6 +221,13 @@ class Bench:
         milter = TappedMilter(MilterDaemon(filters, daemon, name=name).start(), postfix_options)
         self.milters.append(milter)
         return milter
+
+    def start_milters(self, daemons: Sequence[MilterDaemon]) -> list[TappedMilter]:
+        """Start several daemons at once (see start_milter), each with a tap in front."""
+        start_daemons(daemons)
+        started = [TappedMilter(daemon) for daemon in daemons]
+        self.milters.extend(started)
+        return started
 
     def use(self, milter: SmtpdMilter | Sequence[SmtpdMilter] | None) -> None:
         """Point Postfix's ``smtpd_milters`` and ``non_smtpd_milters`` at ``milter`` (None: none), reloading if needed.
@@ -225,32 +275,9 @@ class Bench:
         mail_options: Sequence[str] = (),
         rcpt_options: Sequence[str] = (),
     ) -> Conversation:
-        """Run one transaction step by step, recording every answer, stopping at a refused MAIL or no recipient."""
-        host, port = self.postfix.smtp_address
-        client = smtplib.SMTP(local_hostname=helo, timeout=60, source_address=(source, 0))
-        try:
-            talk = Conversation(client.connect(host, port))
-            if talk.greeting[0] == 421:
-                return talk  # the server hangs up; with 554 it answers (refuses) later commands
-            talk.ehlo = client.ehlo()
-            talk.mail = client.mail(sender, list(mail_options))
-            if talk.mail[0] != 250:
-                return talk
-            for recipient in recipients:
-                talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
-            if not any(code == 250 for code, _ in talk.rcpt.values()):
-                return talk
-            try:
-                talk.data = client.data(message)
-            except smtplib.SMTPDataError as e:
-                error = e.smtp_error
-                talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
-            return talk
-        finally:
-            try:
-                client.quit()
-            except (smtplib.SMTPException, OSError):
-                client.close()
+        """Run one transaction with Postfix step by step (see :func:`converse`)."""
+        return converse(self.postfix.smtp_address, message, sender=sender, recipients=recipients, source=source,
+                        helo=helo, mail_options=mail_options, rcpt_options=rcpt_options)
 
     def delivered(self, token: str, timeout: float = 15.0) -> SinkMessage:
         """The message carrying ``token``, once the sink has it."""

@@ -33,15 +33,21 @@ def example_filters() -> list[dict[str, Any]]:
         return list(tomllib.load(fh)["filter"])
 
 
-#: Header changes for every message (tests.e2e.filters.Editor), some of them of headers only some messages have.
-HEADER_EDITS = (
+#: Header changes for every message (tests.e2e.filters.Editor) that Postfix and Sendmail place alike.
+PORTABLE_EDITS = (
     ("insert_header", "X-Inserted", "at 1", 1),
     ("change_header", "To", "Changed <changed@example.net>", 1),
     ("delete_header", "Date", 1),
-    ("change_header", "Subject", "the second subject, changed", 2),
-    ("delete_header", "X-Folded", 1),
-    ("insert_header", "X-Inserted-Late", "at 4", 4),
+    ("delete_header", "X-Folded", 1),  # only some messages have one: a no-op for the others
     ("add_header", "X-Added", "added"),
+)
+#: Header changes that Postfix and Sendmail place differently: Postfix appends a header added under a
+#: name already present, or changed at a missing occurrence, Sendmail puts it before the first one of
+#: that name; an insert index beyond 1 counts Sendmail's own hidden default headers.
+PLACEMENT_EDITS = (
+    ("change_header", "Subject", "the second subject, changed", 2),
+    ("insert_header", "X-Inserted-Late", "at 4", 4),
+    ("add_header", "X-Filtered-By", "the editor"),
 )
 
 
@@ -53,7 +59,8 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
     comes before the word filter. ``two-footers``: a second disclaimer must see
     the first one's body, and the word filter both footers. ``edits``: header
     inserts, changes and deletes and a new body, then a filter that reports
-    exactly what it was shown (tests.e2e.filters.Witness).
+    exactly what it was shown (tests.e2e.filters.Witness); ``portable-edits``:
+    the same without the changes Postfix and Sendmail place differently.
     """
     examples = example_filters()
     assert [t["name"] for t in examples] == ["words", "quarantine", "aliases", "disclaimer", "stamp"], examples
@@ -67,13 +74,15 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
             {**table["disclaimer"], "name": "second-footer", "options": {"footer": "Second footer."}},
             table["words"], table["quarantine"], table["aliases"],
         ],
-        "edits": [
-            table["stamp"],
-            {"name": "editor", "class": "tests.e2e.filters:Editor", "options": {"edits": {"*": HEADER_EDITS}}},
-            table["disclaimer"],
-            {"name": "witness", "class": "tests.e2e.filters:Witness"},
-        ],
+        "edits": _edits("editor", PORTABLE_EDITS + PLACEMENT_EDITS, table),
+        "portable-edits": _edits("portable-editor", PORTABLE_EDITS, table),
     }
+
+
+def _edits(name: str, edits: Sequence[Sequence[Any]], table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """[stamp, an Editor making ``edits``, disclaimer, a Witness reporting what it saw]."""
+    editor = {"name": name, "class": "tests.e2e.filters:Editor", "options": {"edits": {"*": edits}}}
+    return [table["stamp"], editor, table["disclaimer"], {"name": "witness", "class": "tests.e2e.filters:Witness"}]
 
 
 def expected(case: Case, lineup: Sequence[dict[str, Any]], stops_at_quarantine: bool) -> str:

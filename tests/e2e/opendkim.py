@@ -59,7 +59,8 @@ class OpenDKIM:
         self.canonicalization = canonicalization
         #: More opendkim.conf lines (``"MTA mx.example.net"``), after the generated ones.
         self.extra_config = tuple(extra_config)
-        self.port = free_port()
+        #: Chosen when it starts (free a moment before), so that the key generation does not widen the race.
+        self.port = 0
         self.startup_timeout = startup_timeout
         self.directory = Path(tempfile.mkdtemp(prefix="txmilt-opendkim-"))
         self.log_path = self.directory / "opendkim.log"
@@ -109,6 +110,7 @@ class OpenDKIM:
              "-D", str(self.directory)],
             check=True, capture_output=True, timeout=60,
         )
+        self.port = free_port()
         config = self.directory / "opendkim.conf"
         config.write_text(self.config_text(), encoding="ascii")
         with self.log_path.open("wb") as log:
@@ -117,7 +119,7 @@ class OpenDKIM:
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + self.startup_timeout
-        while not is_listening(self.port):
+        while not is_listening(self.port, pid=self.process.pid):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"opendkim is not listening on 127.0.0.1:{self.port}:\n{self.output()}")

@@ -13,114 +13,36 @@ message size, which counts those). Both runs send the same Message-IDs.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from .bench import DAEMON_TROUBLE, POSTFIX_TROUBLE, Bench, Conversation, TappedMilter, split_fields
+from . import differential
+from .bench import DAEMON_TROUBLE, POSTFIX_TROUBLE, Bench, TappedMilter
 from .corpus import CORPUS, Case, expected, lineups
-from .sink import SinkMessage
+from .differential import Outcome
 
 pytestmark = pytest.mark.e2e
 
 #: The stamp examples.header_stamp adds in the suite's Postfix, for a client on 127.0.0.1.
 STAMP = "X-Filtered-By: txmilt on mx.txmilt.test (client 127.0.0.1)"
 FOOTER = b"-- \r\nThis message was checked by txmilt.\r\n"
-_QUEUED = re.compile(r"queued as (\w+)")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one transaction, normalised: the replies, and the message as the sink got it."""
-
-    replies: tuple[Any, ...]
-    #: "delivered", "held" (delivered once released) or "refused".
-    kind: str
-    mail_from: str | None = None
-    mail_options: tuple[str, ...] = ()
-    rcpt_tos: tuple[str, ...] = ()
-    rcpt_options: tuple[tuple[str, ...], ...] = ()
-    data: bytes = b""
-
-    @property
-    def fields(self) -> list[str]:
-        """The delivered header fields."""
-        return split_fields(self.data.partition(b"\r\n\r\n")[0])
-
-    @property
-    def body(self) -> bytes:
-        """The delivered body."""
-        return self.data.partition(b"\r\n\r\n")[2]
-
-
-def normal_reply(reply: tuple[int, bytes] | None) -> tuple[int, str] | None:
-    """An SMTP reply without the queue id Postfix names after DATA."""
-    if reply is None:
-        return None
-    return reply[0], _QUEUED.sub("queued as QUEUEID", reply[1].decode("utf-8", "replace"))
-
-
-def normal_replies(talk: Conversation) -> tuple[Any, ...]:
-    """Every reply of a transaction, normalised."""
-    return (
-        normal_reply(talk.greeting), normal_reply(talk.ehlo), normal_reply(talk.mail),
-        tuple((rcpt, normal_reply(reply)) for rcpt, reply in talk.rcpt.items()), normal_reply(talk.data),
-    )
-
-
-def normal_data(data: bytes) -> bytes:
-    """The message with the MTA's Received: header without its queue id and date."""
-    head, separator, body = data.partition(b"\r\n\r\n")
-    fields = re.split(rb"\r\n(?![ \t])", head)
-    for index, field in enumerate(fields):
-        if field.startswith(b"Received: from "):
-            field = re.sub(rb"\bid \w+", b"id QUEUEID", field)
-            fields[index] = re.sub(rb";\s*[^;]*$", b"; DATE", field)
-    return b"\r\n".join(fields) + separator + body
-
-
-def outcome_of(talk: Conversation, held: bool, received: SinkMessage | None) -> Outcome:
-    """One transaction's Outcome from its conversation and the sink's copy."""
-    replies = normal_replies(talk)
-    if received is None:
-        return Outcome(replies, "refused")
-    return Outcome(
-        replies, "held" if held else "delivered", mail_from=received.mail_from,
-        mail_options=tuple(re.sub(r"^SIZE=\d+$", "SIZE=N", o) for o in received.mail_options),
-        rcpt_tos=tuple(received.rcpt_tos), rcpt_options=tuple(tuple(o) for o in received.rcpt_options),
-        data=normal_data(received.data),
-    )
 
 
 def run_corpus(bench: Bench, milters: Sequence[TappedMilter], tokens: Mapping[str, str]) -> dict[str, Outcome]:
-    """Send every case through Postfix with ``smtpd_milters`` = ``milters``; release what is held; collect.
-
-    Each case's message carries its token from ``tokens`` (the same in every run,
-    so that a filter may see and digest it); the sink is emptied afterwards.
-    """
+    """The corpus through Postfix with ``smtpd_milters`` = ``milters``; held messages released and delivered."""
     bench.use(milters)
-    talks: dict[str, Conversation] = {}
-    for case in CORPUS:
-        talks[case.name] = bench.converse(
-            case.with_token(tokens[case.name]), sender=case.sender, recipients=case.recipients,
-            mail_options=case.mail_options, rcpt_options=case.rcpt_options,
-        )
-    held = set(bench.postfix.hold_queue())
-    if held:
+
+    def release() -> None:
         bench.postfix.release()
         bench.postfix.flush()
-    outcomes = {}
-    for name, talk in talks.items():
-        queued = _QUEUED.search(talk.data[1].decode()) if talk.accepted and talk.data else None
-        received = bench.delivered(tokens[name], timeout=30) if queued else None
-        outcomes[name] = outcome_of(talk, queued is not None and queued.group(1) in held, received)
-    bench.not_delivered("-nothing-else-")  # the queue has drained
-    assert len(bench.sink.messages) == sum(o.kind != "refused" for o in outcomes.values()), "unexpected deliveries"
-    bench.sink.clear()
-    return outcomes
+
+    return differential.run_corpus(
+        CORPUS, tokens, address=bench.postfix.smtp_address, sink=bench.sink, held=bench.postfix.hold_queue,
+        release=release, drained=lambda: not bench.postfix.queue(),
+    )
 
 
 @dataclass
@@ -134,33 +56,31 @@ class Runs:
     trouble: list[str]
 
 
+#: The lineups of tests/e2e/corpus.py run through Postfix (portable-edits is a part of edits).
+LINEUPS = ("examples", "reversed", "two-footers", "edits")
+
+
 @pytest.fixture(scope="module")
-def solo(bench: Bench) -> Callable[[dict[str, Any]], TappedMilter]:
-    """A daemon running one ``[[filter]]`` table, started on first use, by the filter's name."""
-    started: dict[str, TappedMilter] = {}
-
-    def daemon(table: dict[str, Any]) -> TappedMilter:
-        if table["name"] not in started:
-            started[table["name"]] = bench.start_milter(f"solo-{table['name']}", [table])
-        return started[table["name"]]
-
-    return daemon
+def daemons(bench: Bench) -> dict[str, TappedMilter]:
+    """Every daemon the lineups need, started at once: one per filter by its name, and ``sequential-<lineup>``."""
+    unstarted = differential.lineup_daemons(LINEUPS)
+    return dict(zip(unstarted, bench.start_milters(list(unstarted.values())), strict=True))
 
 
-@pytest.fixture(scope="module", params=list(lineups()))
-def runs(request: pytest.FixtureRequest, bench: Bench, solo: Callable[[dict[str, Any]], TappedMilter]) -> Runs:
+@pytest.fixture(scope="module", params=LINEUPS)
+def runs(request: pytest.FixtureRequest, bench: Bench, daemons: dict[str, TappedMilter]) -> Runs:
     """The corpus through ``smtpd_milters`` = one daemon per filter of a lineup, then one sequential daemon."""
     label: str = request.param
     tables = lineups()[label]
-    listed = [solo(table) for table in tables]
-    sequential = bench.start_milter(f"sequential-{label}", tables, daemon={"chain_order": "sequential"})
-    daemons = [*listed, sequential]
+    listed = [daemons[table["name"]] for table in tables]
+    sequential = daemons[f"sequential-{label}"]
+    involved = [*listed, sequential]
     postfix_mark = bench.postfix.log_mark()
-    daemon_marks = [d.daemon.log_mark() for d in daemons]
+    daemon_marks = [d.daemon.log_mark() for d in involved]
     tokens = {case.name: bench.token(f"{label}-{case.name}") for case in CORPUS}
     result = Runs(label, tables, run_corpus(bench, listed, tokens), run_corpus(bench, [sequential], tokens), [])
     result.trouble = POSTFIX_TROUBLE.findall(bench.postfix.log_text()[postfix_mark:])
-    for daemon, mark in zip(daemons, daemon_marks, strict=True):
+    for daemon, mark in zip(involved, daemon_marks, strict=True):
         result.trouble += [f"[{daemon.name}] {line}" for line in DAEMON_TROUBLE.findall(daemon.daemon.output()[mark:])]
     return result
 
@@ -170,12 +90,7 @@ def test_sequential_chain_is_smtpd_milters(runs: Runs, case: Case) -> None:
     """The sequential chain gives the replies and delivers the message that Postfix's own chaining does."""
     listed, chained = runs.listed[case.name], runs.sequential[case.name]
     assert listed.kind == expected(case, runs.tables, stops_at_quarantine=True), listed
-    assert chained.replies == listed.replies
-    assert (chained.kind, chained.mail_from, chained.rcpt_tos) == (listed.kind, listed.mail_from, listed.rcpt_tos)
-    assert (chained.mail_options, chained.rcpt_options) == (listed.mail_options, listed.rcpt_options)
-    assert chained.fields == listed.fields
-    assert chained.body == listed.body
-    assert chained.data == listed.data
+    differential.assert_same(chained, listed)
 
 
 def test_the_filters_did_their_work(runs: Runs) -> None:
