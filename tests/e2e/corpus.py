@@ -38,8 +38,10 @@ PORTABLE_EDITS = (
     ("insert_header", "X-Inserted", "at 1", 1),
     ("change_header", "To", "Changed <changed@example.net>", 1),
     ("delete_header", "Date", 1),
-    ("delete_header", "X-Folded", 1),  # only some messages have one: a no-op for the others
+    ("change_header", "X-Folded", "changed\n\tand folded", 1),  # only some messages have one: appended to others
     ("add_header", "X-Added", "added"),
+    ("add_header", "X-Added-Folded", "first line\n second line"),
+    ("add_header", "X-Added-Utf8", "Grüße aus Köln"),
 )
 #: Header changes that Postfix and Sendmail place differently: Postfix appends a header added under a
 #: name already present, or changed at a missing occurrence, Sendmail puts it before the first one of
@@ -49,6 +51,9 @@ PLACEMENT_EDITS = (
     ("insert_header", "X-Inserted-Late", "at 4", 4),
     ("add_header", "X-Filtered-By", "the editor"),
 )
+
+#: Headers added with an empty value (the MTA still stores a space after the colon).
+EMPTY_VALUES = (("add_header", "X-Added-Empty", ""), ("insert_header", "X-Inserted-Empty", "", 1))
 
 
 def lineups() -> dict[str, list[dict[str, Any]]]:
@@ -60,7 +65,8 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
     the first one's body, and the word filter both footers. ``edits``: header
     inserts, changes and deletes and a new body, then a filter that reports
     exactly what it was shown (tests.e2e.filters.Witness); ``portable-edits``:
-    the same without the changes Postfix and Sendmail place differently.
+    the same without the changes Postfix and Sendmail place differently;
+    ``empty-values``: headers added with an empty value.
     """
     examples = example_filters()
     assert [t["name"] for t in examples] == ["words", "quarantine", "aliases", "disclaimer", "stamp"], examples
@@ -76,6 +82,7 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
         ],
         "edits": _edits("editor", PORTABLE_EDITS + PLACEMENT_EDITS, table),
         "portable-edits": _edits("portable-editor", PORTABLE_EDITS, table),
+        "empty-values": _edits("empty-values", EMPTY_VALUES, table),
     }
 
 

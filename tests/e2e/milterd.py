@@ -77,11 +77,16 @@ def is_listening(port: int, host: str = "127.0.0.1", pid: int | None = None) -> 
 
 
 def start_daemons(daemons: Sequence[MilterDaemon]) -> None:
-    """Start several daemons at once (each spends a second or so importing), then wait for all of them."""
-    for daemon in daemons:
-        daemon.spawn()
-    for daemon in daemons:
-        daemon.wait_listening()
+    """Start several daemons, a few at a time (each spends a second or so of CPU importing), and wait for them.
+
+    As many start together as there are CPUs, so that a loaded machine does not
+    push any of them past its startup timeout.
+    """
+    batch = max(2, os.cpu_count() or 2)
+    for first in range(0, len(daemons), batch):
+        started = [daemon.spawn() for daemon in daemons[first:first + batch]]
+        for daemon in started:
+            daemon.wait_listening()
 
 
 class MilterDaemon:
