@@ -55,6 +55,20 @@ PLACEMENT_EDITS = (
 #: Headers added with an empty value (the MTA still stores a space after the colon).
 EMPTY_VALUES = (("add_header", "X-Added-Empty", ""), ("insert_header", "X-Inserted-Empty", "", 1))
 
+#: Refusals (tests.e2e.filters.Verdicts) at each stage, chosen by the sender, a recipient, a header,
+#: the body or the Subject; "accept-mail" accepts the message at MAIL (the filter after goes on).
+VERDICT_RULES = (
+    {"stage": "mail", "match": "reject-mail", "verdict": "reject"},
+    {"stage": "mail", "match": "accept-mail", "verdict": "accept"},
+    {"stage": "rcpt", "match": "reject-rcpt", "verdict": "reject"},
+    {"stage": "rcpt", "match": "tempfail-rcpt", "verdict": "tempfail"},
+    {"stage": "rcpt", "match": "custom-rcpt", "verdict": "reject", "code": 550, "status": "5.1.1",
+     "text": ["no such user", "here, sorry"]},
+    {"stage": "header", "match": "X-Verdict: reject", "verdict": "reject"},
+    {"stage": "body", "match": "TEMPFAIL-BODY", "verdict": "tempfail"},
+    {"stage": "eom", "match": "reject-eom", "verdict": "reject"},
+)
+
 
 def lineups() -> dict[str, list[dict[str, Any]]]:
     """Orders of the example filters to compare, as ``[[filter]]`` tables, by label.
@@ -66,7 +80,8 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
     inserts, changes and deletes and a new body, then a filter that reports
     exactly what it was shown (tests.e2e.filters.Witness); ``portable-edits``:
     the same without the changes Postfix and Sendmail place differently;
-    ``empty-values``: headers added with an empty value.
+    ``empty-values``: headers added with an empty value. ``verdicts``: refusals
+    at each stage, then a filter that reports which commands still reached it.
     """
     examples = example_filters()
     assert [t["name"] for t in examples] == ["words", "quarantine", "aliases", "disclaimer", "stamp"], examples
@@ -83,6 +98,10 @@ def lineups() -> dict[str, list[dict[str, Any]]]:
         "edits": _edits("editor", PORTABLE_EDITS + PLACEMENT_EDITS, table),
         "portable-edits": _edits("portable-editor", PORTABLE_EDITS, table),
         "empty-values": _edits("empty-values", EMPTY_VALUES, table),
+        "verdicts": [
+            {"name": "verdicts", "class": "tests.e2e.filters:Verdicts", "options": {"rules": VERDICT_RULES}},
+            {"name": "witness", "class": "tests.e2e.filters:Witness"},
+        ],
     }
 
 
@@ -99,6 +118,8 @@ def expected(case: Case, lineup: Sequence[dict[str, Any]], stops_at_quarantine: 
     (Postfix), so a word filter after the quarantine never refuses.
     """
     names = [t["name"] for t in lineup]
+    if "verdicts" in names:
+        return case.verdict or "delivered"
     refused = case.refused and "words" in names
     held = case.quarantined and "quarantine" in names
     if refused and held and stops_at_quarantine and names.index("quarantine") < names.index("words"):
@@ -116,6 +137,8 @@ class Case:
     message: bytes
     #: The word filter refuses it (a trigger word in the Subject or body).
     refused: bool = False
+    #: What the Verdicts filter of the verdicts lineup makes of it, if it judges it.
+    verdict: str = ""
     sender: str = "alice@example.org"
     recipients: Sequence[str] = ("bob@example.net",)
     mail_options: Sequence[str] = ()
@@ -243,4 +266,14 @@ CORPUS: tuple[Case, ...] = (
     Case("dsn-options", _message(*_TEXT), recipients=(ALIAS, "bob@example.net"),
          mail_options=("RET=HDRS", "ENVID=corpus-envid"), rcpt_options=("NOTIFY=SUCCESS,FAILURE",)),
     Case("null-sender", _message(*_TEXT), sender=""),
+    # -- refusals by the Verdicts filter of the verdicts lineup (plain messages for the others)
+    Case("rcpt-refused", _message(*_TEXT), recipients=("reject-rcpt@example.net", "bob@example.net")),
+    Case("rcpt-tempfailed", _message(*_TEXT), recipients=("bob@example.net", "tempfail-rcpt@example.net")),
+    Case("rcpt-refused-in-lines", _message(*_TEXT), recipients=("custom-rcpt@example.net", "carol@example.net")),
+    Case("every-rcpt-refused", _message(*_TEXT), recipients=("reject-rcpt@example.net",), verdict="refused"),
+    Case("mail-refused", _message(*_TEXT), sender="reject-mail@example.org", verdict="refused"),
+    Case("mail-accepted", _message(*_TEXT), sender="accept-mail@example.org"),
+    Case("header-refused", _message(*_TEXT, "X-Verdict: reject"), verdict="refused"),
+    Case("body-tempfailed", _message(*_TEXT, body=b"a TEMPFAIL-BODY line\r\n"), verdict="refused"),
+    Case("eom-refused", _message(*_TEXT, subject="reject-eom"), verdict="refused"),
 )

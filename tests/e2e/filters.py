@@ -305,11 +305,13 @@ class ClientStamp(Milter):
 
 
 class Witness(Milter):
-    """Adds ``X-Witness`` summing up the headers and body it saw: counts and SHA-256 prefixes.
+    """Adds ``X-Witness`` summing up the headers and body it saw (counts and SHA-256 prefixes), and
+    ``X-Witness-Envelope`` naming the sender and recipients it was given.
 
     Put after filters that change the message, it shows whether the MTA (or the
     chain) showed it their changes, and exactly how: header values as stored,
-    with the space after the colon.
+    with the space after the colon; after filters that refuse, which commands
+    still reached it.
     """
 
     actions = Action.ADD_HEADERS
@@ -319,9 +321,20 @@ class Witness(Milter):
         self._reset()
 
     def _reset(self) -> None:
+        self.sender = ""
+        self.recipients: list[str] = []
         self.headers: list[tuple[str, str]] = []
         self.body_digest = hashlib.sha256()
         self.body_size = 0
+
+    def mail_from(self, command: MailFrom) -> Result:
+        self._reset()
+        self.sender = command.address
+        return None
+
+    def rcpt_to(self, command: RcptTo) -> Result:
+        self.recipients.append(command.address)
+        return None
 
     def header(self, command: Header) -> Result:
         self.headers.append((command.name, command.value))
@@ -338,6 +351,7 @@ class Witness(Milter):
             f" headers={len(self.headers)} {hashlib.sha256(seen).hexdigest()[:16]}"
             f" body={self.body_size} {self.body_digest.hexdigest()[:16]}"
         ))
+        changes.add_header("X-Witness-Envelope", f" from={self.sender} to={','.join(self.recipients)}")
         self._reset()
         return None
 

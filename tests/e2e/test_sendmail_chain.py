@@ -34,9 +34,9 @@ pytestmark = pytest.mark.e2e
 CASES = tuple(case for case in CORPUS if case.name in {
     "plain", "several-recipients", "empty-body", "utf8-8bit", "multipart-mixed", "folded-headers",
     "odd-spacing", "subject-viagra", "body-casino-late", "quarantined-and-aliased", "quarantined-and-refused",
-    "alias-and-others",
+    "alias-and-others", "rcpt-refused", "mail-accepted", "eom-refused",
 })
-LINEUPS = ("examples", "portable-edits", "edits")
+LINEUPS = ("examples", "portable-edits", "edits", "verdicts")
 STAMP = "X-Filtered-By: txmilt on mx.sendmail.test (client 127.0.0.1)"
 #: Why the Witness after the Editor of the edits lineup sees other headers in the chain than in Sendmail.
 PLACEMENT = (
