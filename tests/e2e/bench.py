@@ -30,6 +30,7 @@ __all__ = [
     "header_fields",
     "make_message",
     "split_fields",
+    "transact",
     "wait_delivered",
 ]
 
@@ -174,24 +175,40 @@ def converse(
         if talk.greeting[0] == 421:
             return talk  # the server hangs up; with 554 it answers (refuses) later commands
         talk.ehlo = client.ehlo()
-        talk.mail = client.mail(sender, list(mail_options))
-        if talk.mail[0] != 250:
-            return talk
-        for recipient in recipients:
-            talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
-        if not any(code == 250 for code, _ in talk.rcpt.values()):
-            return talk
-        try:
-            talk.data = client.data(message)
-        except smtplib.SMTPDataError as e:
-            error = e.smtp_error
-            talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
-        return talk
+        return transact(client, talk, message, sender, recipients, mail_options, rcpt_options)
     finally:
         try:
             client.quit()
         except (smtplib.SMTPException, OSError):
             client.close()
+
+
+def transact(
+    client: smtplib.SMTP,
+    talk: Conversation,
+    message: bytes,
+    sender: str,
+    recipients: Sequence[str],
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> Conversation:
+    """One transaction on a connected ``client``, its answers recorded in ``talk``.
+
+    It stops at a refused MAIL or when no recipient was accepted (``talk.data`` stays None).
+    """
+    talk.mail = client.mail(sender, list(mail_options))
+    if talk.mail[0] != 250:
+        return talk
+    for recipient in recipients:
+        talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
+    if not any(code == 250 for code, _ in talk.rcpt.values()):
+        return talk
+    try:
+        talk.data = client.data(message)
+    except smtplib.SMTPDataError as e:
+        error = e.smtp_error
+        talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
+    return talk
 
 
 class Bench:

@@ -10,12 +10,13 @@ in its replies, and the SIZE= it passes on (which counts them).
 from __future__ import annotations
 
 import re
+import smtplib
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .bench import Conversation, converse, split_fields, wait_delivered
+from .bench import Conversation, converse, split_fields, transact, wait_delivered
 from .corpus import Case, lineups
 from .milterd import MilterDaemon
 from .sink import SinkMessage, SMTPSink
@@ -108,19 +109,26 @@ def run_corpus(
     release: Callable[[], None],
     drained: Callable[[], bool],
     timeout: float = 30.0,
+    one_connection: bool = False,
 ) -> dict[str, Outcome]:
     """Send every case to the MTA at ``address``; release what it ``held``; collect what ``sink`` got.
+
+    Each case has an SMTP connection of its own, or with ``one_connection`` they
+    all go over one, one transaction after another.
 
     Each message carries its token from ``tokens`` (the same in every run, so a
     filter may see and digest it). Once everything arrived and the MTA's queue
     has ``drained``, the sink must hold nothing else; it is emptied for the next run.
     """
-    talks = {
-        case.name: converse(address, case.with_token(tokens[case.name]), sender=case.sender,
-                            recipients=case.recipients, mail_options=case.mail_options,
-                            rcpt_options=case.rcpt_options)
-        for case in cases
-    }
+    if one_connection:
+        talks = _converse_on_one_connection(address, cases, tokens)
+    else:
+        talks = {
+            case.name: converse(address, case.with_token(tokens[case.name]), sender=case.sender,
+                                recipients=case.recipients, mail_options=case.mail_options,
+                                rcpt_options=case.rcpt_options)
+            for case in cases
+        }
     quarantined = set(held())
     if quarantined:
         release()
@@ -136,6 +144,27 @@ def run_corpus(
     assert len(sink.messages) == sum(o.kind != "refused" for o in outcomes.values()), "unexpected deliveries"
     sink.clear()
     return outcomes
+
+
+def _converse_on_one_connection(
+    address: tuple[str, int], cases: Sequence[Case], tokens: Mapping[str, str]
+) -> dict[str, Conversation]:
+    """Every case as one transaction of a single SMTP connection; RSET after one that stopped short."""
+    client = smtplib.SMTP(timeout=60, local_hostname="client.example.org")
+    try:
+        greeting = client.connect(*address)
+        ehlo = client.ehlo()
+        talks = {}
+        for case in cases:
+            talk = transact(client, Conversation(greeting, ehlo), case.with_token(tokens[case.name]), case.sender,
+                            case.recipients, case.mail_options, case.rcpt_options)
+            if talk.data is None:
+                client.rset()
+            talks[case.name] = talk
+        client.quit()
+        return talks
+    finally:
+        client.close()
 
 
 def assert_same(chained: Outcome, listed: Outcome) -> None:

@@ -9,6 +9,11 @@ message (released from the hold queue and delivered) must be the same. Only
 what must differ is normalised: the queue id and date in Postfix's own
 Received: header and its reply to DATA, and the SIZE= Postfix passes on (the
 message size, which counts those). Both runs send the same Message-IDs.
+
+Besides the example chain in its own order, the lineups of corpus.py put the
+same filters in reverse order, a second disclaimer after the first, header
+edits before a filter that reports what it was shown, and refusals at each
+stage before it; each runs the whole corpus both ways.
 """
 
 from __future__ import annotations
@@ -32,7 +37,11 @@ FOOTER = b"-- \r\nThis message was checked by txmilt.\r\n"
 
 
 def run_corpus(
-    bench: Bench, milters: Sequence[TappedMilter], tokens: Mapping[str, str], cases: Sequence[Case] = CORPUS
+    bench: Bench,
+    milters: Sequence[TappedMilter],
+    tokens: Mapping[str, str],
+    cases: Sequence[Case] = CORPUS,
+    one_connection: bool = False,
 ) -> dict[str, Outcome]:
     """The ``cases`` through Postfix with ``smtpd_milters`` = ``milters``; held messages released and delivered."""
     bench.use(milters)
@@ -43,7 +52,7 @@ def run_corpus(
 
     return differential.run_corpus(
         cases, tokens, address=bench.postfix.smtp_address, sink=bench.sink, held=bench.postfix.hold_queue,
-        release=release, drained=lambda: not bench.postfix.queue(),
+        release=release, drained=lambda: not bench.postfix.queue(), one_connection=one_connection,
     )
 
 
@@ -131,6 +140,23 @@ def test_the_filters_did_their_work(runs: Runs) -> None:
         assert plain.body.endswith(b"\r\n-- \r\nFirst footer.\r\n\r\n-- \r\nSecond footer.\r\n")
 
 
+#: Transactions one after another on one connection: a held, a refused, an aliased and a plain message.
+SESSION = ("quarantined-and-aliased", "subject-viagra", "alias", "rcpt-refused", "body-casino-late", "plain")
+
+
+@pytest.mark.parametrize("label", ["examples", "verdicts"])
+def test_one_connection(bench: Bench, daemons: dict[str, TappedMilter], label: str) -> None:
+    """Several messages on one SMTP connection: nothing of one message leaks into the next, as with Postfix's own."""
+    cases = [case for case in CORPUS if case.name in SESSION]
+    listed = [daemons[table["name"]] for table in lineups()[label]]
+    tokens = {case.name: bench.token(f"session-{label}-{case.name}") for case in cases}
+    alone = run_corpus(bench, listed, tokens, cases, one_connection=True)
+    chained = run_corpus(bench, [daemons[f"sequential-{label}"]], tokens, cases, one_connection=True)
+    for case in cases:
+        assert alone[case.name].kind == expected(case, lineups()[label], stops_at_quarantine=True), case.name
+        differential.assert_same(chained[case.name], alone[case.name])
+
+
 #: Why a header added with an empty value differs through the chain (found by this test's corpus).
 EMPTY_VALUE = (
     "A filter without leading_space adds a header with an empty value; alone, Postfix stores 'X-Added-Empty: '"
@@ -142,15 +168,21 @@ EMPTY_VALUE = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=EMPTY_VALUE)
 def test_empty_header_value(bench: Bench, daemons: dict[str, TappedMilter]) -> None:
-    """A header added with an empty value is stored, and shown to the filters after, as Postfix does alone."""
+    """A header added with an empty value is stored, and shown to the filters after, as Postfix does alone.
+
+    Expected to fail (EMPTY_VALUE) until the chain is fixed; it says so when it passes.
+    """
     cases = [case for case in CORPUS if case.name == "plain"]
     listed = [daemons[table["name"]] for table in lineups()["empty-values"]]
     tokens = {"plain": bench.token("empty-values")}
     alone = run_corpus(bench, listed, tokens, cases)["plain"]
-    assert "X-Added-Empty: " in alone.fields and "X-Inserted-Empty: " in alone.fields
-    differential.assert_same(run_corpus(bench, [daemons["sequential-empty-values"]], tokens, cases)["plain"], alone)
+    chained = run_corpus(bench, [daemons["sequential-empty-values"]], tokens, cases)["plain"]
+    assert {"X-Added-Empty: ", "X-Inserted-Empty: "} <= set(alone.fields)
+    assert {"X-Added-Empty:", "X-Inserted-Empty:"} <= set(chained.fields)
+    if chained.data == alone.data:
+        pytest.fail("a header added with an empty value now comes out as with Postfix alone: drop the xfail")
+    pytest.xfail(EMPTY_VALUE)
 
 
 def test_nothing_went_wrong(runs: Runs) -> None:

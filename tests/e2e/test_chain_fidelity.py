@@ -201,18 +201,26 @@ def test_opendkim_alone_without_daemon_name_does_not_sign(bench: Bench, mta_sign
     assert _signature(_send(bench, "no daemon name")) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
+#: Why a remote member of the chain gets macros the site left out of milter_connect_macros.
+SITE_MACROS = (
     "The chain asks Postfix for its built-in milter_*_macros defaults joined with the filters' requests, and"
     " Postfix then sends that list instead of the configured milter_connect_macros; so a site's own"
     " milter_*_macros never reach a remote member (here OpenDKIM still gets {daemon_name}, which the site left"
     " out). Workaround: list the macros in the remote's `macros` option. The chain cannot read main.cf."
-))
+)
+
+
 @pytest.mark.usefixtures("connect_macros_without_daemon_name")
 def test_site_macro_lists_reach_a_remote_member(
     bench: Bench, client_stamp: TappedMilter, mta_signer: OpenDKIM, macro_chain: TappedMilter
 ) -> None:
-    """Like smtpd_milters = client-stamp, opendkim: the chain's OpenDKIM gets Postfix's configured list."""
+    """Like smtpd_milters = client-stamp, opendkim: the chain's OpenDKIM gets Postfix's configured list.
+
+    Expected to fail (SITE_MACROS); it says so when it passes.
+    """
     bench.use([client_stamp, mta_signer.postfix_spec])
     assert _signature(_send(bench, "site list, smtpd_milters")) is None  # what Postfix does
     bench.use(macro_chain)
-    assert _signature(_send(bench, "site list, chain")) is None
+    if _signature(_send(bench, "site list, chain")) is None:
+        pytest.fail("the chain's OpenDKIM now gets the site's milter_connect_macros: drop the xfail")
+    pytest.xfail(SITE_MACROS)
