@@ -13,7 +13,7 @@ import smtplib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from .milterd import MilterDaemon, start_daemons
 from .postfix import PostfixInstance
@@ -26,6 +26,7 @@ __all__ = [
     "Conversation",
     "SmtpdMilter",
     "TappedMilter",
+    "TransactionOptions",
     "converse",
     "header_fields",
     "make_message",
@@ -151,6 +152,17 @@ def wait_delivered(sink: SMTPSink, token: str, timeout: float = 15.0) -> SinkMes
         if time.monotonic() > deadline:
             raise TimeoutError(f"no message with {token} delivered within {timeout}s")
         time.sleep(0.02)
+
+
+class TransactionOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`converse`: envelope, ESMTP options and the client's address and name."""
+
+    sender: str
+    recipients: Sequence[str]
+    source: str
+    helo: str
+    mail_options: Sequence[str]
+    rcpt_options: Sequence[str]
 
 
 def converse(
@@ -281,20 +293,9 @@ class Bench:
         host, port = self.postfix.smtp_address
         return smtplib.SMTP(host, port, local_hostname=helo, timeout=60, source_address=(source, 0))
 
-    def converse(
-        self,
-        message: bytes,
-        *,
-        sender: str = "alice@example.org",
-        recipients: Sequence[str] = ("bob@example.net",),
-        source: str = "127.0.0.1",
-        helo: str = "client.example.org",
-        mail_options: Sequence[str] = (),
-        rcpt_options: Sequence[str] = (),
-    ) -> Conversation:
+    def converse(self, message: bytes, **options: Unpack[TransactionOptions]) -> Conversation:
         """Run one transaction with Postfix step by step (see :func:`converse`)."""
-        return converse(self.postfix.smtp_address, message, sender=sender, recipients=recipients, source=source,
-                        helo=helo, mail_options=mail_options, rcpt_options=rcpt_options)
+        return converse(self.postfix.smtp_address, message, **options)
 
     def delivered(self, token: str, timeout: float = 15.0) -> SinkMessage:
         """The message carrying ``token``, once the sink has it."""

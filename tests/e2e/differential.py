@@ -21,7 +21,7 @@ from .corpus import Case, lineups
 from .milterd import MilterDaemon
 from .sink import SinkMessage, SMTPSink
 
-__all__ = ["Outcome", "assert_same", "lineup_daemons", "normal_data", "run_corpus"]
+__all__ = ["Outcome", "Runs", "assert_same", "lineup_daemons", "normal_data", "run_corpus"]
 
 #: Where Postfix ("queued as ID") and Sendmail ("2.0.0 ID Message accepted") name the queue id after DATA.
 _QUEUE_ID = re.compile(r"queued as (\w+)|^\d\.\d\.\d (\w+)(?= Message accepted)")
@@ -49,6 +49,18 @@ class Outcome:
     def body(self) -> bytes:
         """The delivered body."""
         return self.data.partition(b"\r\n\r\n")[2]
+
+
+@dataclass
+class Runs:
+    """A corpus's outcomes through the MTA's own chaining and through one sequential chain, for one lineup."""
+
+    lineup: str
+    tables: list[dict[str, Any]]
+    listed: dict[str, Outcome]
+    sequential: dict[str, Outcome]
+    #: What was logged during the runs that should not have been.
+    trouble: list[str]
 
 
 def queue_id(talk: Conversation) -> str | None:

@@ -19,15 +19,13 @@ stage before it; each runs the whole corpus both ways.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from . import differential
 from .bench import DAEMON_TROUBLE, POSTFIX_TROUBLE, Bench, TappedMilter
 from .corpus import CORPUS, Case, expected, lineups
-from .differential import Outcome
+from .differential import Outcome, Runs
 
 pytestmark = pytest.mark.e2e
 
@@ -54,17 +52,6 @@ def run_corpus(
         cases, tokens, address=bench.postfix.smtp_address, sink=bench.sink, held=bench.postfix.hold_queue,
         release=release, drained=lambda: not bench.postfix.queue(), one_connection=one_connection,
     )
-
-
-@dataclass
-class Runs:
-    """The corpus's outcomes per configuration, for one lineup of the filters, and what was logged amiss."""
-
-    lineup: str
-    tables: list[dict[str, Any]]
-    listed: dict[str, Outcome]
-    sequential: dict[str, Outcome]
-    trouble: list[str]
 
 
 #: The lineups of tests/e2e/corpus.py run through Postfix (portable-edits is a part of edits).

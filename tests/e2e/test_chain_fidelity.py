@@ -56,6 +56,14 @@ def _signature(message: SinkMessage) -> dict[str, str] | None:
     return dict(tag.split("=", 1) for tag in value.split(";") if tag)
 
 
+def _send(bench: Bench, label: str) -> SinkMessage:
+    """Send a text/plain message with Subject ``label`` through Postfix; the copy delivered."""
+    token = bench.token(label)
+    talk = bench.converse(_message(token, label))
+    assert talk.accepted, talk
+    return bench.delivered(token)
+
+
 def _simple_body_hash(body: bytes) -> str:
     """bh= of ``body`` under DKIM's simple body canonicalization with SHA-256 (RFC 6376 §3.4.3)."""
     canonical = body.rstrip(b"\r\n") + b"\r\n" if body.strip(b"\r\n") else b"\r\n"
@@ -90,10 +98,7 @@ def test_signer_after_changes_signs_what_is_delivered(
     """
     dkim: Any = importlib.import_module("dkim")
     bench.use(signing_chains[True])
-    token = bench.token("signed-after")
-    talk = bench.converse(_message(token, "signed after changes"))
-    assert talk.accepted, talk
-    received = bench.delivered(token)
+    received = _send(bench, "signed after changes")
     tags = _signature(received)
     assert tags is not None, received.data.decode(errors="replace")
     assert (tags["d"], tags["s"], tags["c"]) == ("example.org", "txmilt", opendkim.canonicalization)
@@ -112,10 +117,7 @@ def test_signer_without_after_changes_signs_the_original(
     """Without ``after_changes``, OpenDKIM signs the body as sent and never sees Reply-To:; verification fails."""
     dkim: Any = importlib.import_module("dkim")
     bench.use(signing_chains[False])
-    token = bench.token("signed-live")
-    talk = bench.converse(_message(token, "signed as sent"))
-    assert talk.accepted, talk
-    received = bench.delivered(token)
+    received = _send(bench, "signed as sent")
     tags = _signature(received)
     assert tags is not None, received.data.decode(errors="replace")
     assert "reply-to" not in tags["h"].lower().split(":")
@@ -166,13 +168,6 @@ def connect_macros_without_daemon_name(bench: Bench) -> Iterator[None]:
         yield
     finally:
         bench.postfix.unset_main_cf(["milter_connect_macros"])
-
-
-def _send(bench: Bench, label: str) -> SinkMessage:
-    token = bench.token(label)
-    talk = bench.converse(_message(token, label))
-    assert talk.accepted, talk
-    return bench.delivered(token)
 
 
 def test_remote_member_gets_the_default_macros(bench: Bench, mta_signer: OpenDKIM, macro_chain: TappedMilter) -> None:

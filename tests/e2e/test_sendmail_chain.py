@@ -16,15 +16,13 @@ import contextlib
 import dataclasses
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
 from . import differential
 from .bench import DAEMON_TROUBLE, TappedMilter
 from .corpus import CORPUS, Case, expected, lineups
-from .differential import Outcome
+from .differential import Outcome, Runs
 from .milterd import start_daemons
 from .sendmail import PrivateSendmail, sendmail_available
 from .sink import SMTPSink
@@ -45,18 +43,6 @@ PLACEMENT = (
     " that name (headers.c addheader), and counts an insert index in its own header list, which begins with the"
     " .cf's hidden default headers (insert at 4 lands above the client's headers). The delivered messages agree."
 )
-
-
-@dataclass
-class Runs:
-    """The cases' outcomes through Sendmail's filter list and through one sequential chain."""
-
-    lineup: str
-    tables: list[dict[str, Any]]
-    listed: dict[str, Outcome]
-    sequential: dict[str, Outcome]
-    #: What the daemons logged that they should not have, in all the runs.
-    trouble: list[str]
 
 
 def _run(milters: list[TappedMilter], sink: SMTPSink, tokens: dict[str, str]) -> dict[str, Outcome]:
