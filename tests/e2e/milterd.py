@@ -80,13 +80,19 @@ def start_daemons(daemons: Sequence[MilterDaemon]) -> None:
     """Start several daemons, a few at a time (each spends a second or so of CPU importing), and wait for them.
 
     As many start together as there are CPUs, so that a loaded machine does not
-    push any of them past its startup timeout.
+    push any of them past its startup timeout. If one fails, all are stopped and removed.
     """
     batch = max(2, os.cpu_count() or 2)
-    for first in range(0, len(daemons), batch):
-        started = [daemon.spawn() for daemon in daemons[first:first + batch]]
-        for daemon in started:
-            daemon.wait_listening()
+    try:
+        for first in range(0, len(daemons), batch):
+            started = [daemon.spawn() for daemon in daemons[first:first + batch]]
+            for daemon in started:
+                daemon.wait_listening()
+    except BaseException:
+        for daemon in daemons:
+            daemon.stop()
+            daemon.cleanup()
+        raise
 
 
 class MilterDaemon:
