@@ -13,9 +13,9 @@ import smtplib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
-from .milterd import MilterDaemon
+from .milterd import MilterDaemon, start_daemons
 from .postfix import PostfixInstance
 from .sink import SinkMessage, SMTPSink
 from .wiretap import WireTap
@@ -24,10 +24,14 @@ __all__ = [
     "MILTER_MAIN_CF",
     "Bench",
     "Conversation",
+    "SmtpdMilter",
     "TappedMilter",
+    "TransactionOptions",
+    "converse",
     "header_fields",
     "make_message",
     "split_fields",
+    "transact",
     "wait_delivered",
 ]
 
@@ -80,6 +84,10 @@ class TappedMilter:
         """Stop the tap and the daemon; the daemon's exit status."""
         self.tap.stop()
         return self.daemon.stop()
+
+
+#: What ``Bench.use`` takes: a daemon behind a tap, or a milter address in Postfix's notation.
+SmtpdMilter = TappedMilter | str
 
 
 @dataclass
@@ -146,6 +154,75 @@ def wait_delivered(sink: SMTPSink, token: str, timeout: float = 15.0) -> SinkMes
         time.sleep(0.02)
 
 
+class TransactionOptions(TypedDict, total=False):
+    """The keyword arguments of :func:`converse`: envelope, ESMTP options and the client's address and name."""
+
+    sender: str
+    recipients: Sequence[str]
+    source: str
+    helo: str
+    mail_options: Sequence[str]
+    rcpt_options: Sequence[str]
+
+
+def converse(
+    address: tuple[str, int],
+    message: bytes,
+    *,
+    sender: str = "alice@example.org",
+    recipients: Sequence[str] = ("bob@example.net",),
+    source: str = "127.0.0.1",
+    helo: str = "client.example.org",
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> Conversation:
+    """Run one transaction with the SMTP server at ``address`` step by step, recording every answer.
+
+    It stops at a refused MAIL or when no recipient was accepted.
+    """
+    host, port = address
+    client = smtplib.SMTP(local_hostname=helo, timeout=60, source_address=(source, 0))
+    try:
+        talk = Conversation(client.connect(host, port))
+        if talk.greeting[0] == 421:
+            return talk  # the server hangs up; with 554 it answers (refuses) later commands
+        talk.ehlo = client.ehlo()
+        return transact(client, talk, message, sender, recipients, mail_options, rcpt_options)
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+def transact(
+    client: smtplib.SMTP,
+    talk: Conversation,
+    message: bytes,
+    sender: str,
+    recipients: Sequence[str],
+    mail_options: Sequence[str] = (),
+    rcpt_options: Sequence[str] = (),
+) -> Conversation:
+    """One transaction on a connected ``client``, its answers recorded in ``talk``.
+
+    It stops at a refused MAIL or when no recipient was accepted (``talk.data`` stays None).
+    """
+    talk.mail = client.mail(sender, list(mail_options))
+    if talk.mail[0] != 250:
+        return talk
+    for recipient in recipients:
+        talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
+    if not any(code == 250 for code, _ in talk.rcpt.values()):
+        return talk
+    try:
+        talk.data = client.data(message)
+    except smtplib.SMTPDataError as e:
+        error = e.smtp_error
+        talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
+    return talk
+
+
 class Bench:
     """One Postfix, its sink, and the milter daemons it can be pointed at."""
 
@@ -153,7 +230,7 @@ class Bench:
         self.postfix = postfix
         self.sink = sink
         self.milters: list[TappedMilter] = []
-        self.current: TappedMilter | None = None
+        self.current: tuple[SmtpdMilter, ...] = ()
         self._counter = 0
 
     # -- milters
@@ -174,17 +251,28 @@ class Bench:
         self.milters.append(milter)
         return milter
 
-    def use(self, milter: TappedMilter | None) -> None:
+    def start_milters(self, daemons: Sequence[MilterDaemon]) -> list[TappedMilter]:
+        """Start several daemons at once (see start_milter), each with a tap in front."""
+        start_daemons(daemons)
+        started = [TappedMilter(daemon) for daemon in daemons]
+        self.milters.extend(started)
+        return started
+
+    def use(self, milter: SmtpdMilter | Sequence[SmtpdMilter] | None) -> None:
         """Point Postfix's ``smtpd_milters`` and ``non_smtpd_milters`` at ``milter`` (None: none), reloading if needed.
 
-        The milter's tap forgets the sessions of earlier tests.
+        A list gives ``smtpd_milters = a, b, c`` in that order; a string is a
+        milter address in Postfix's notation (a milter not behind a tap). The
+        taps forget the sessions of earlier tests.
         """
-        if milter is not self.current:
-            spec = milter.spec if milter is not None else ""
+        chosen = () if milter is None else (milter,) if isinstance(milter, TappedMilter | str) else tuple(milter)
+        if chosen != self.current:
+            spec = ", ".join(m if isinstance(m, str) else m.spec for m in chosen)
             self.postfix.set_main_cf({"smtpd_milters": spec, "non_smtpd_milters": spec})
-            self.current = milter
-        if milter is not None:
-            milter.tap.clear()
+            self.current = chosen
+        for each in chosen:
+            if isinstance(each, TappedMilter):
+                each.tap.clear()
 
     def stop_milters(self) -> dict[str, int | None]:
         """Stop every daemon; their exit statuses by name."""
@@ -205,43 +293,9 @@ class Bench:
         host, port = self.postfix.smtp_address
         return smtplib.SMTP(host, port, local_hostname=helo, timeout=60, source_address=(source, 0))
 
-    def converse(
-        self,
-        message: bytes,
-        *,
-        sender: str = "alice@example.org",
-        recipients: Sequence[str] = ("bob@example.net",),
-        source: str = "127.0.0.1",
-        helo: str = "client.example.org",
-        mail_options: Sequence[str] = (),
-        rcpt_options: Sequence[str] = (),
-    ) -> Conversation:
-        """Run one transaction step by step, recording every answer, stopping at a refused MAIL or no recipient."""
-        host, port = self.postfix.smtp_address
-        client = smtplib.SMTP(local_hostname=helo, timeout=60, source_address=(source, 0))
-        try:
-            talk = Conversation(client.connect(host, port))
-            if talk.greeting[0] == 421:
-                return talk  # the server hangs up; with 554 it answers (refuses) later commands
-            talk.ehlo = client.ehlo()
-            talk.mail = client.mail(sender, list(mail_options))
-            if talk.mail[0] != 250:
-                return talk
-            for recipient in recipients:
-                talk.rcpt[recipient] = client.rcpt(recipient, list(rcpt_options))
-            if not any(code == 250 for code, _ in talk.rcpt.values()):
-                return talk
-            try:
-                talk.data = client.data(message)
-            except smtplib.SMTPDataError as e:
-                error = e.smtp_error
-                talk.data = (e.smtp_code, error if isinstance(error, bytes) else error.encode())
-            return talk
-        finally:
-            try:
-                client.quit()
-            except (smtplib.SMTPException, OSError):
-                client.close()
+    def converse(self, message: bytes, **options: Unpack[TransactionOptions]) -> Conversation:
+        """Run one transaction with Postfix step by step (see :func:`converse`)."""
+        return converse(self.postfix.smtp_address, message, **options)
 
     def delivered(self, token: str, timeout: float = 15.0) -> SinkMessage:
         """The message carrying ``token``, once the sink has it."""

@@ -14,6 +14,9 @@ from .opendkim import OpenDKIM, opendkim_available
 from .postfix import PostfixFactory, PostfixInstance, free_port, postfix_available
 from .sink import SMTPSink
 
+# Its comparisons fail with pytest's detailed messages.
+pytest.register_assert_rewrite("tests.e2e.differential")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the ``e2e`` and ``log_allows`` markers."""

@@ -286,6 +286,80 @@ class Reporter(Milter):
         return None
 
 
+class ClientStamp(Milter):
+    """Asks for ``{client_addr}`` alone at connect and adds ``X-Client-Addr`` with the value it got."""
+
+    actions = Action.ADD_HEADERS
+    macro_requests: ClassVar[Mapping[MacroStage, Sequence[str]]] = {MacroStage.CONNECT: ("{client_addr}",)}
+
+    def __init__(self) -> None:
+        self.client: str | None = None
+
+    def connect(self, command: Connect) -> Result:
+        self.client = self.macros.get("client_addr")
+        return None
+
+    def end_of_message(self, changes: Changes) -> Result:
+        changes.add_header("X-Client-Addr", self.client or "(none)")
+        return None
+
+
+class Witness(Milter):
+    """Adds ``X-Witness`` summing up the headers and body it saw (counts and SHA-256 prefixes), and
+    ``X-Witness-Envelope`` naming the sender and recipients it was given.
+
+    Put after filters that change the message, it shows whether the MTA (or the
+    chain) showed it their changes, and exactly how: header values as stored,
+    with the space after the colon; after filters that refuse, which commands
+    still reached it.
+    """
+
+    actions = Action.ADD_HEADERS
+    leading_space = True
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sender = ""
+        self.recipients: list[str] = []
+        self.headers: list[tuple[str, str]] = []
+        self.body_digest = hashlib.sha256()
+        self.body_size = 0
+
+    def mail_from(self, command: MailFrom) -> Result:
+        self._reset()
+        self.sender = command.address
+        return None
+
+    def rcpt_to(self, command: RcptTo) -> Result:
+        self.recipients.append(command.address)
+        return None
+
+    def header(self, command: Header) -> Result:
+        self.headers.append((command.name, command.value))
+        return None
+
+    def body(self, command: BodyChunk) -> Result:
+        self.body_digest.update(command.data)
+        self.body_size += len(command.data)
+        return None
+
+    def end_of_message(self, changes: Changes) -> Result:
+        seen = json.dumps(self.headers).encode("utf-8", "surrogateescape")
+        changes.add_header("X-Witness", (
+            f" headers={len(self.headers)} {hashlib.sha256(seen).hexdigest()[:16]}"
+            f" body={self.body_size} {self.body_digest.hexdigest()[:16]}"
+        ))
+        changes.add_header("X-Witness-Envelope", f" from={self.sender} to={','.join(self.recipients)}")
+        self._reset()
+        return None
+
+    def abort(self) -> Result:
+        self._reset()
+        return None
+
+
 class Troublemaker(Milter):
     """A coroutine end of message that is slow or fails, chosen by the message's Subject.
 

@@ -17,14 +17,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from .postfix import free_port, pid_alive
+from .postfix import pid_alive
 
-__all__ = ["MilterDaemon", "MilterDaemonError", "is_listening", "to_toml"]
+__all__ = ["MilterDaemon", "MilterDaemonError", "is_listening", "start_daemons", "to_toml"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: twistd run by this interpreter (the ``twistd`` script on PATH may belong to another Python).
 TWISTD = [sys.executable, "-c", "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"]
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+#: What Twisted logs once the daemon's port listens.
+_LISTENING = re.compile(r" starting on (\d+)$", re.MULTILINE)
 
 
 class MilterDaemonError(RuntimeError):
@@ -57,12 +59,40 @@ def to_toml(daemon: Mapping[str, Any], filters: Sequence[Mapping[str, Any]]) -> 
     return "\n".join(lines) + "\n"
 
 
-def is_listening(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether a socket listens on ``host:port``, read from /proc/net/tcp so that nothing connects."""
+def is_listening(port: int, host: str = "127.0.0.1", pid: int | None = None) -> bool:
+    """Whether a socket listens on ``host:port`` (of process ``pid``, if given), read from /proc: nothing connects.
+
+    With ``pid``, a port that another process took meanwhile does not count.
+    """
     wanted = "{}:{:04X}".format("".join(f"{int(part):02X}" for part in reversed(host.split("."))), port)
     with open("/proc/net/tcp", encoding="ascii") as fh:
         next(fh, None)
-        return any(fields[1] == wanted and fields[3] == "0A" for fields in (line.split() for line in fh))
+        inodes = {fields[9] for fields in (line.split() for line in fh) if fields[1] == wanted and fields[3] == "0A"}
+    if pid is None or not inodes:
+        return bool(inodes)
+    with contextlib.suppress(OSError):
+        return any(os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}
+                   for fd in os.listdir(f"/proc/{pid}/fd"))
+    return False
+
+
+def start_daemons(daemons: Sequence[MilterDaemon]) -> None:
+    """Start several daemons, a few at a time (each spends a second or so of CPU importing), and wait for them.
+
+    As many start together as there are CPUs, so that a loaded machine does not
+    push any of them past its startup timeout. If one fails, all are stopped and removed.
+    """
+    batch = max(2, os.cpu_count() or 2)
+    try:
+        for first in range(0, len(daemons), batch):
+            started = [daemon.spawn() for daemon in daemons[first:first + batch]]
+            for daemon in started:
+                daemon.wait_listening()
+    except BaseException:
+        for daemon in daemons:
+            daemon.stop()
+            daemon.cleanup()
+        raise
 
 
 class MilterDaemon:
@@ -82,10 +112,11 @@ class MilterDaemon:
         startup_timeout: float = 20.0,
     ) -> None:
         self.name = name
-        self.port = free_port()
+        #: The port it listens on, known once it does (it binds port 0: no race for a free port).
+        self.port = 0
         self.startup_timeout = startup_timeout
         self.directory = Path(tempfile.mkdtemp(prefix=f"txmilt-e2e-{name}-"))
-        settings: dict[str, Any] = {"listen": [f"inet:{self.port}@127.0.0.1"], "drain_timeout": 2, "timeout": 20}
+        settings: dict[str, Any] = {"listen": ["tcp:0:interface=127.0.0.1"], "drain_timeout": 2, "timeout": 20}
         settings.update(daemon or {})
         self.config_path = self.directory / "milter.toml"
         self.config_path.write_text(to_toml(settings, filters), encoding="utf-8")
@@ -99,20 +130,29 @@ class MilterDaemon:
 
     def start(self) -> Self:
         """Start twistd and wait until it listens; MilterDaemonError with its output if it does not."""
+        return self.spawn().wait_listening()
+
+    def spawn(self) -> Self:
+        """Start twistd without waiting for it (see :meth:`wait_listening` and :func:`start_daemons`)."""
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(
                 [*TWISTD, "-n", "--pidfile=", "milter", "--config", str(self.config_path)],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )
+        return self
+
+    def wait_listening(self) -> Self:
+        """Wait until the spawned twistd listens; MilterDaemonError with its output if it does not."""
+        assert self.process is not None, "spawn() first"
         deadline = time.monotonic() + self.startup_timeout
-        while not is_listening(self.port):
+        while not self.port or not is_listening(self.port, pid=self.process.pid):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise MilterDaemonError(
-                    f"twistd milter ({self.name}) is not listening on 127.0.0.1:{self.port}:\n{self.output()}"
-                )
+                raise MilterDaemonError(f"twistd milter ({self.name}) is not listening:\n{self.output()}")
             time.sleep(0.02)
+            if found := _LISTENING.search(self.output()):
+                self.port = int(found.group(1))
         return self
 
     def alive(self) -> bool:

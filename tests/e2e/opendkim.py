@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -50,12 +51,16 @@ class OpenDKIM:
         selector: str = "txmilt",
         *,
         canonicalization: str = "relaxed/simple",
+        extra_config: Sequence[str] = (),
         startup_timeout: float = 15.0,
     ) -> None:
         self.domain = domain
         self.selector = selector
         self.canonicalization = canonicalization
-        self.port = free_port()
+        #: More opendkim.conf lines (``"MTA mx.example.net"``), after the generated ones.
+        self.extra_config = tuple(extra_config)
+        #: Chosen when it starts (free a moment before), so that the key generation does not widen the race.
+        self.port = 0
         self.startup_timeout = startup_timeout
         self.directory = Path(tempfile.mkdtemp(prefix="txmilt-opendkim-"))
         self.log_path = self.directory / "opendkim.log"
@@ -65,6 +70,11 @@ class OpenDKIM:
     def spec(self) -> str:
         """Its address as libmilter spells it (for a ``remote =`` filter)."""
         return f"inet:{self.port}@127.0.0.1"
+
+    @property
+    def postfix_spec(self) -> str:
+        """Its address as Postfix spells it (for ``smtpd_milters``)."""
+        return f"inet:127.0.0.1:{self.port}"
 
     @property
     def key_path(self) -> Path:
@@ -89,6 +99,7 @@ class OpenDKIM:
             "Syslog no",
             # The key lives under /tmp, which other users can write to; OpenDKIM refuses that by default.
             "RequireSafeKeys no",
+            *self.extra_config,
             "",
         ])
 
@@ -99,6 +110,7 @@ class OpenDKIM:
              "-D", str(self.directory)],
             check=True, capture_output=True, timeout=60,
         )
+        self.port = free_port()
         config = self.directory / "opendkim.conf"
         config.write_text(self.config_text(), encoding="ascii")
         return [str(_tool("opendkim")), "-f", "-x", str(config)]
@@ -109,7 +121,7 @@ class OpenDKIM:
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout
-        while not is_listening(self.port):
+        while not is_listening(self.port, pid=self.process.pid):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"opendkim is not listening on 127.0.0.1:{self.port}:\n{self.output()}")

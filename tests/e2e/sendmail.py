@@ -21,6 +21,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -55,18 +56,22 @@ def sendmail_available() -> str | None:
 
 
 class PrivateSendmail:
-    """``sendmail -bD`` on 127.0.0.1:``smtp_port``, filtering through ``milter`` and relaying to ``relay``."""
+    """``sendmail -bD`` on 127.0.0.1:``smtp_port``, filtering through ``milter`` and relaying to ``relay``.
+
+    ``milter`` is one milter address in Sendmail's notation (``inet:PORT@HOST``),
+    or a list of them: Sendmail's ``INPUT_MAIL_FILTER`` list, in that order.
+    """
 
     def __init__(
         self,
-        milter: str,
+        milter: str | Sequence[str],
         relay: tuple[str, int],
         *,
         hostname: str = "mx.sendmail.test",
         startup_timeout: float = 20.0,
     ) -> None:
         self.root = sendmail_root()
-        self.milter = milter
+        self.milters = (milter,) if isinstance(milter, str) else tuple(milter)
         self.relay = relay
         self.hostname = hostname
         self.smtp_port = free_port()
@@ -80,7 +85,7 @@ class PrivateSendmail:
         return ("127.0.0.1", self.smtp_port)
 
     def mc_text(self) -> str:
-        """The sendmail.mc: loopback only, smart host = the relay, one milter, no DNS, no aliases."""
+        """The sendmail.mc: loopback only, smart host = the relay, the milters, no DNS, no aliases."""
         d = self.directory
         relay_host, relay_port = self.relay
         return "\n".join([
@@ -104,14 +109,46 @@ class PrivateSendmail:
             "FEATURE(`accept_unresolvable_domains')dnl",
             "FEATURE(`promiscuous_relay')dnl",  # it listens on loopback only
             f"DAEMON_OPTIONS(`Port={self.smtp_port}, Addr=127.0.0.1, Name=MTA')dnl",
-            f"INPUT_MAIL_FILTER(`txmilt', `S={self.milter}, F=T, T=S:10s;R:30s;E:5m')dnl",
+            *(f"INPUT_MAIL_FILTER(`{name}', `S={address}, F=T, T=S:10s;R:30s;E:5m')dnl"
+              for name, address in self.milter_names().items()),
             "MAILER(`smtp')dnl",
             "",
         ])
 
+    def milter_names(self) -> dict[str, str]:
+        """The milters' addresses by their names in sendmail.cf (``txmilt``, or ``txmilt1``, ``txmilt2``, ...)."""
+        if len(self.milters) == 1:
+            return {"txmilt": self.milters[0]}
+        return {f"txmilt{number}": address for number, address in enumerate(self.milters, 1)}
+
+    @property
+    def queue_dir(self) -> Path:
+        """The mail queue: ``qf``/``df`` files, ``hf`` for quarantined messages."""
+        return self.directory / "mqueue"
+
+    def quarantined(self) -> list[str]:
+        """Queue ids of the quarantined messages."""
+        return sorted(path.name[2:] for path in self.queue_dir.glob("hf*"))
+
+    def release(self) -> None:
+        """Lift every quarantine and run the queue once (the messages are delivered)."""
+        self._run("-qQ", "-Q")
+        self._run("-q")
+
+    def _run(self, *args: str, timeout: float = 60.0) -> None:
+        """``sendmail -C sendmail.cf ARGS`` under Sendmail's host name, waiting for it."""
+        subprocess.run(
+            ["unshare", "--uts", "sh", "-c", 'hostname "$1" && shift && exec "$@"', "sh", self.hostname,
+             str(self.root / _BINARY), "-C", str(self.directory / "sendmail.cf"), *args],
+            env=self._environment(), check=True, capture_output=True, timeout=timeout,
+        )
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, "LD_LIBRARY_PATH": str(self.root / _LIBRARIES)}
+
     def _write_config(self) -> Path:
         d = self.directory
-        (d / "mqueue").mkdir(mode=0o700)
+        self.queue_dir.mkdir(mode=0o700)
         (d / "service.switch").write_text("hosts files\naliases files\n", encoding="ascii")
         (d / "sendmail.mc").write_text(self.mc_text(), encoding="ascii")
         m4 = shutil.which("m4") or str(self.root / "usr/bin/m4")
@@ -127,7 +164,7 @@ class PrivateSendmail:
     def start(self) -> Self:
         """Build the .cf, start Sendmail in its own UTS namespace, wait until it listens."""
         cf = self._write_config()
-        env = {**os.environ, "LD_LIBRARY_PATH": str(self.root / _LIBRARIES)}
+        env = self._environment()
         with (self.directory / "sendmail.out").open("wb") as out:
             self.process = subprocess.Popen(
                 ["unshare", "--uts", "--pid", "--fork", "sh", "-c", 'hostname "$1" && exec "$2" -bD -C "$3"', "sh",
