@@ -86,7 +86,7 @@ def proxied(bench: Bench) -> Iterator[tuple[MilterDaemon, MilterDaemon, HAProxy]
         finally:
             print(f"--- HAProxy ---\n{proxy.output()[-3000:]}\n--- b ---\n{b.output()[-3000:]}")
             bench.postfix.set_main_cf({"smtpd_milters": "", "non_smtpd_milters": ""})
-            bench.current = None
+            bench.current = ()
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])

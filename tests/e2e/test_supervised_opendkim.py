@@ -108,8 +108,9 @@ def user_signer() -> Iterator[OpenDKIM]:
 def signing_for_users(bench: Bench, user_signer: OpenDKIM) -> TappedMilter:
     """A daemon running OpenDKIM as a supervised member asked only for authenticated submissions."""
     bench.postfix.set_main_cf({"smtpd_authorized_xclient_hosts": "127.0.0.0/8"})
+    command = user_signer.prepare()  # chooses its port
     return bench.start_milter("supervised-opendkim-when", [
-        {"name": "opendkim", "remote": user_signer.spec, "command": user_signer.prepare(), "timeout": 10,
+        {"name": "opendkim", "remote": user_signer.spec, "command": command, "timeout": 10,
          "when": {"authenticated": True}},
     ])
 
