@@ -13,10 +13,13 @@ from txmilt.chain import FilterSpec
 from txmilt.messages import (
     Accept,
     Action,
+    AddHeader,
     BodyChunk,
+    ChangeHeader,
     Continue,
     EndOfHeaders,
     Header,
+    InsertHeader,
     MacroStage,
     ProtocolFlag,
     RcptTo,
@@ -282,3 +285,30 @@ class DryRunTests(SynchronousTestCase):
         self.assertEqual(slow.names, ["connect", "helo"])  # MAIL waits for its own HELO
         gate.callback(Reject())
         self.assertEqual(slow.names, ["connect", "helo", "mail_from"])
+
+
+class EmptyValueTests(SynchronousTestCase):
+    def test_empty_header_keeps_its_space(self) -> None:
+        """With leading space negotiated for another filter, an empty added value still gets its space.
+
+        Postfix adds one space after the colon for a filter without leading space, so the stored
+        header is ``X-Empty: ``; through the chain the value must be " ", while a delete stays "".
+        """
+
+        class Spaced(Milter):
+            leading_space = True
+
+            def header(self, command: Header) -> Result:
+                return None
+
+        def edit(changes: Changes) -> None:
+            changes.add_header("X-Empty", "")
+            changes.insert_header("X-Empty-Top", "", 0)
+            changes.delete_header("X-Old")
+
+        mta = chain(Spaced, editor(edit))
+        result = mta.message("<a@example.com>", ["<b@example.net>"], HEADERS, BODY)
+        self.assertTrue(mta.leading_space)
+        self.assertEqual(result.modifications, [
+            AddHeader("X-Empty", " "), InsertHeader(0, "X-Empty-Top", " "), ChangeHeader(1, "X-Old", ""),
+        ])

@@ -133,9 +133,10 @@ class Changes:
         if not self.actions & action:
             raise LocalProtocolError(f"{call}() needs Action.{action.name} in the filter's actions")
 
-    def _value(self, value: str) -> str:
+    def _value(self, value: str, *, deleting: bool = False) -> str:
+        """``value`` as the chain sends it; an empty value is a header of its own, unless it deletes."""
         _check_header_value(value)
-        return add_leading_space(value) if self._add_space and value else value
+        return add_leading_space(value) if self._add_space and (value or not deleting) else value
 
     def add_header(self, name: str, value: str) -> None:
         """Append a header to the message."""
@@ -166,7 +167,7 @@ class Changes:
         self._require(Action.CHANGE_HEADERS, "change_header")
         _check_header_name(name)
         _check_index("change_header", index, 1)
-        self.edits.append(ChangeHeader(index, name, self._value(value)))
+        self.edits.append(ChangeHeader(index, name, self._value(value, deleting=True)))
 
     def add_recipient(self, address: str, args: Sequence[str] | None = None) -> None:
         """Add an envelope recipient, with ESMTP arguments if given."""

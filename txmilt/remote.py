@@ -423,8 +423,8 @@ class RemoteMilter:
     def _record(self, reply: Reply, changes: Changes, remote_space: bool) -> None:
         """Put the remote's end-of-message changes on the chain's recorder, in order."""
 
-        def value(text: str) -> str:
-            if remote_space == self.leading_space or not text:
+        def value(text: str, deleting: bool = False) -> str:
+            if remote_space == self.leading_space or (deleting and not text):
                 return text
             return add_leading_space(text) if self.leading_space else strip_leading_space(text)
 
@@ -435,7 +435,7 @@ class RemoteMilter:
             elif isinstance(edit, InsertHeader):
                 changes.insert_header(edit.name, value(edit.value), index=edit.index)
             elif isinstance(edit, ChangeHeader):
-                changes.change_header(edit.name, value(edit.value), index=max(edit.index, 1))
+                changes.change_header(edit.name, value(edit.value, deleting=True), index=max(edit.index, 1))
             elif isinstance(edit, AddRecipient):
                 changes.add_recipient(edit.address, edit.args)
             elif isinstance(edit, DeleteRecipient):
