@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from txmilt.merge import merge_changes, merge_requirements, merge_verdicts
+from txmilt.merge import ChangeMerger, merge_changes, merge_requirements, merge_verdicts
 from txmilt.messages import (
     ALL_ACTIONS,
     MAX_BODY_CHUNK,
@@ -42,6 +42,7 @@ from txmilt.messages import (
     Unknown,
 )
 from txmilt.milter import Changes, FilterVerdict
+from txmilt.mta import MTA
 from txmilt.session import NO_FLAG, NO_REPLY_FLAG, Requirements
 
 # ------------------------------------------------------------------- verdicts
@@ -591,3 +592,21 @@ class MergeChangesPropertyTests(SynchronousTestCase):
             mine = [line.origin for line in view if line.origin in final]
             kept = set(mine)
             self.assertEqual([line.origin for line in result if line.origin in kept], mine)
+
+
+class SendmailPlacementTests(SynchronousTestCase):
+    def test_rebased_around_an_added_header(self) -> None:
+        """Under Sendmail an added X-Dup lands first, so a later filter's change of the original #1 goes out as #2."""
+        first, second = recorder(), recorder()
+        first.add_header("X-Dup", "added")
+        second.change_header("X-Dup", "changed", 1)
+        headers = [("Subject", "s"), ("X-Dup", "original")]
+        postfix = merge_changes(headers, [("first", first), ("second", second)])
+        self.assertEqual(postfix.modifications, [AddHeader("X-Dup", "added"), ChangeHeader(1, "X-Dup", "changed")])
+        merger = ChangeMerger(headers, MTA.SENDMAIL)
+        merger.add("first", first)
+        merger.add("second", second)
+        self.assertEqual(
+            merger.result().modifications, [AddHeader("X-Dup", "added"), ChangeHeader(2, "X-Dup", "changed")]
+        )
+        self.assertEqual(merger.headers(), [("Subject", "s"), ("X-Dup", "added"), ("X-Dup", "changed")])

@@ -96,3 +96,25 @@ class ApplyTests(SynchronousTestCase):
         message = self.message()
         apply_modifications(message, [AddHeader("X-A", " spaced")], lambda v: v.lstrip(" "))
         self.assertEqual(message.headers[-1], ("X-A", "spaced"))
+
+
+class PlacementTests(SynchronousTestCase):
+    def test_sendmail_puts_a_known_name_first(self) -> None:
+        """Sendmail puts a header added under a name already present before the first of that name."""
+        for mta, expected in (
+            (MTA.POSTFIX, [("Received", "a"), ("Subject", "s"), ("Received", "b"), ("X-New", "n"), ("Received", "c")]),
+            (MTA.SENDMAIL, [("Received", "c"), ("Received", "a"), ("Subject", "s"), ("Received", "b"), ("X-New", "n")]),
+        ):
+            message = Message([("Received", "a"), ("Subject", "s"), ("Received", "b")])
+            apply_modifications(message, [AddHeader("X-New", "n"), AddHeader("received", "c")], mta=mta)
+            self.assertEqual(message.headers, [
+                ("received" if value == "c" else name, value) for name, value in expected
+            ], mta)
+
+    def test_sendmail_change_at_a_missing_occurrence(self) -> None:
+        """A change beyond the last occurrence adds the header, where each MTA adds one."""
+        for mta, expected in ((MTA.POSTFIX, ["Subject: one", "To: t", "Subject: two"]),
+                              (MTA.SENDMAIL, ["Subject: two", "Subject: one", "To: t"])):
+            message = Message([("Subject", "one"), ("To", "t")])
+            apply_modifications(message, [ChangeHeader(2, "Subject", "two")], mta=mta)
+            self.assertEqual([f"{n}: {v}" for n, v in message.headers], expected, mta)

@@ -480,7 +480,8 @@ class Chain:
 
     def _final(self, session: SessionState) -> Outcome:
         macros = session.macros
-        merger = ChangeMerger(self._copy.headers)
+        mta = mta_of_version(macros.get("v"))
+        merger = ChangeMerger(self._copy.headers, mta)
         targets: list[Member] = []
         recorders: list[Changes] = []
         results: list[Any] = []
@@ -500,8 +501,8 @@ class Chain:
                 results.append(Later(functools.partial(self._copy.replay, member, recorder, merger, macros)))
             else:
                 results.append(self._end_of_message_of(member, recorder, macros))
-        # Postfix ends the milters' pass at the first that quarantines, Sendmail goes on; ``v`` tells which.
-        stop_on_quarantine = self._sequential and mta_of_version(macros.get("v")) is not MTA.SENDMAIL
+        # Postfix ends the milters' pass at the first that quarantines, Sendmail goes on.
+        stop_on_quarantine = self._sequential and mta is not MTA.SENDMAIL
 
         def settled(index: int, verdict: FilterVerdict) -> bool:
             member, recorder = targets[index], recorders[index]

@@ -405,7 +405,7 @@ class Conversation:
             if finished:
                 outcome.changes.append((milter, answer.modifications))
                 if isinstance(answer.verdict, Continue | Accept):
-                    apply_modifications(message, answer.modifications, self._stored(milter))
+                    apply_modifications(message, answer.modifications, self._stored(milter), self.profile.mta)
                     if isinstance(answer.verdict, Accept):
                         accepted.add(milter)
                     continue

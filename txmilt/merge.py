@@ -30,7 +30,7 @@ from txmilt.messages import (
     TempFail,
     split_body,
 )
-from txmilt.mta import default_macros, union_of_names
+from txmilt.mta import MTA, default_macros, union_of_names, where_added
 from txmilt.session import NO_FLAG, NO_REPLY_FLAG, TRACKING_EVENTS, Requirements
 
 #: A verdict a filter may give.
@@ -161,7 +161,9 @@ class ChangeMerger:
     both. A change of a header an earlier filter deleted is dropped with a warning.
     """
 
-    def __init__(self, headers: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, headers: Sequence[tuple[str, str]], mta: MTA | None = None) -> None:
+        #: Whose rules place an added header in the model (Postfix's when None).
+        self.mta = mta
         hidden = _Entry("", "")  # the MTA's own Received: header, position 0; its key matches no name
         self._original = [hidden, *(_Entry(name, value) for name, value in headers)]
         self._current = list(self._original)  # the MTA's list as the modifications so far leave it
@@ -227,9 +229,11 @@ class ChangeMerger:
     # -- header edits
 
     def _append(self, view: list[_Entry], name: str, value: str) -> None:
+        """A header added by name: where the MTA puts it, in the filter's view and in the MTA's list."""
         entry = _Entry(name, value)
-        view.append(entry)
-        self._current.append(entry)
+        view.insert(where_added([e.key for e in view], name, self.mta), entry)
+        current = self._current
+        current.insert(where_added([e.key for e in current], name, self.mta), entry)
         self._live.add(entry)
 
     def _insert(self, view: list[_Entry], edit: InsertHeader) -> None:

@@ -97,6 +97,8 @@ class MTAProfile:
     drop_after_connection_verdict: bool = False
     #: Largest BODY packet the MTA sends.
     body_chunk_size: int = MAX_BODY_CHUNK
+    #: Whose rules place added headers (see ``where_added``).
+    mta: MTA = MTA.POSTFIX
 
 
 #: Postfix 3.x with its default ``milter_*_macros`` (PROTOCOL.md §6).
@@ -125,6 +127,7 @@ POSTFIX: Final = MTAProfile(
 #: Sendmail 8.14-8.18 with the default ``confMILTER_MACROS_*`` of cf/m4/cfhead.m4 (PROTOCOL.md §6).
 SENDMAIL: Final = MTAProfile(
     name="Sendmail",
+    mta=MTA.SENDMAIL,
     offer=Negotiate(6, ALL_ACTIONS, ALL_PROTOCOL),
     macro_names=DEFAULT_MACROS[MTA.SENDMAIL],
     macro_values=types.MappingProxyType({
@@ -216,15 +219,33 @@ def _as_is(value: str) -> str:
 HeaderList = list["tuple[str, str] | None"]
 
 
-def apply_header_edit(headers: HeaderList, edit: Modification, value: Callable[[str], str] = _as_is) -> None:
-    """Apply one header modification to ``headers`` as Postfix and Sendmail do (PROTOCOL.md §3.3).
+def where_added(keys: Sequence[str], name: str, mta: MTA | None) -> int:
+    """Where an MTA puts a header added by name (ADDHEADER, or CHGHEADER at a missing occurrence).
+
+    ``keys`` are the lower-case names of its list in order. Postfix appends;
+    Sendmail puts a header whose name is already there right before the first
+    of that name (its headers.c ``addheader``), and appends the others.
+    """
+    if mta is MTA.SENDMAIL:
+        key = name.lower()
+        for position, existing in enumerate(keys):
+            if existing == key:
+                return position
+    return len(keys)
+
+
+def apply_header_edit(
+    headers: HeaderList, edit: Modification, value: Callable[[str], str] = _as_is, mta: MTA | None = None
+) -> None:
+    """Apply one header modification to ``headers`` as ``mta`` does (Postfix if None; PROTOCOL.md §3.3).
 
     ``headers[0]`` is normally ``None``, the MTA's hidden Received: header, which
     INSHEADER indexes count and CHGHEADER indexes do not; ``value`` turns a value
-    from the wire into the form kept in ``headers``.
+    from the wire into the form kept in ``headers``. (Sendmail also counts the
+    hidden default headers of its .cf in INSHEADER indexes; those are not modelled.)
     """
     if isinstance(edit, AddHeader):
-        headers.append((edit.name, value(edit.value)))
+        headers.insert(where_added(_keys(headers), edit.name, mta), (edit.name, value(edit.value)))
     elif isinstance(edit, InsertHeader):
         headers.insert(min(edit.index, len(headers)), (edit.name, value(edit.value)))
     elif isinstance(edit, ChangeHeader):
@@ -237,7 +258,11 @@ def apply_header_edit(headers: HeaderList, edit: Modification, value: Callable[[
             else:
                 del headers[found[index - 1]]
         elif edit.value:
-            headers.append((edit.name, value(edit.value)))
+            headers.insert(where_added(_keys(headers), edit.name, mta), (edit.name, value(edit.value)))
+
+
+def _keys(headers: HeaderList) -> list[str]:
+    return [h[0].lower() if h is not None else "" for h in headers]
 
 
 @dataclass
@@ -263,9 +288,10 @@ class Message:
 
 
 def apply_modifications(
-    message: Message, modifications: Sequence[Modification], value: Callable[[str], str] = _as_is
+    message: Message, modifications: Sequence[Modification], value: Callable[[str], str] = _as_is,
+    mta: MTA | None = None,
 ) -> None:
-    """Apply one milter's end-of-message modifications to ``message``, in order, as the MTA does.
+    """Apply one milter's end-of-message modifications to ``message``, in order, as ``mta`` does.
 
     The first REPLBODY packet replaces the body and later ones append to it;
     DELRCPT removes a recipient whatever its angle brackets.
@@ -274,7 +300,7 @@ def apply_modifications(
     replaced = False
     for change in modifications:
         if isinstance(change, AddHeader | InsertHeader | ChangeHeader):
-            apply_header_edit(headers, change, value)
+            apply_header_edit(headers, change, value, mta)
         elif isinstance(change, ChangeFrom):
             message.sender, message.sender_args = change.address, change.args or ()
         elif isinstance(change, AddRecipient):

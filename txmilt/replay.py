@@ -108,8 +108,9 @@ def plan(lineup: Lineup, offer: Negotiate, sequential: bool) -> Plan:
         # Whether the client authenticated is {auth_authen} at MAIL (in both MTAs' default lists).
         needs.append(Needs(Requirements(macros={MacroStage.MAIL: ("{auth_authen}",)}), frozenset(), frozenset()))
     merged = merge_requirements(needs, observe=observe, offer=offer)
-    if sequential and merged.actions & Action.QUARANTINE:
-        # Postfix and Sendmail end a quarantined message's milter pass differently; ``v`` tells them apart.
+    if keep_headers or (sequential and merged.actions & Action.QUARANTINE):
+        # Postfix and Sendmail place added headers, and end a quarantined message's milter pass,
+        # differently; the ``v`` macro tells them apart (Sendmail does not send it by default).
         connect = merged.macros.get(MacroStage.CONNECT) or default_macros(offer).get(MacroStage.CONNECT, ())
         macros = {**merged.macros, MacroStage.CONNECT: union_of_names(connect, ("v",))}
         merged = Requirements(merged.actions, merged.protocol, merged.optional, macros)

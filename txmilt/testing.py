@@ -544,7 +544,7 @@ class FakeMTA:
             list(result.headers), result.body, result.sender, result.sender_args, list(result.recipients),
             result.quarantined,
         )
-        apply_modifications(message, modifications, self._stored)
+        apply_modifications(message, modifications, self._stored, self.profile.mta)
         result.headers, result.body = message.headers, message.body
         result.sender, result.sender_args = message.sender, message.sender_args
         result.recipients, result.quarantined = message.recipients, message.quarantined

@@ -54,7 +54,7 @@ def run_corpus(
     )
 
 
-#: The lineups of tests/e2e/corpus.py run through Postfix (portable-edits is a part of edits).
+#: The lineups of tests/e2e/corpus.py run through Postfix (placement-edits is a part of edits).
 LINEUPS = ("examples", "reversed", "two-footers", "edits", "verdicts")
 
 

@@ -34,14 +34,14 @@ CASES = tuple(case for case in CORPUS if case.name in {
     "odd-spacing", "subject-viagra", "body-casino-late", "quarantined-and-aliased", "quarantined-and-refused",
     "alias-and-others", "rcpt-refused", "mail-accepted", "eom-refused",
 })
-LINEUPS = ("examples", "portable-edits", "edits", "verdicts")
+LINEUPS = ("examples", "placement-edits", "edits", "verdicts")
 STAMP = "X-Filtered-By: txmilt on mx.sendmail.test (client 127.0.0.1)"
 #: Why the Witness after the Editor of the edits lineup sees other headers in the chain than in Sendmail.
 PLACEMENT = (
-    "The chain shows a later filter the headers as Postfix would have placed them; Sendmail places an added header"
-    " whose name is already present, or a changed header at a missing occurrence, right before the first header of"
-    " that name (headers.c addheader), and counts an insert index in its own header list, which begins with the"
-    " .cf's hidden default headers (insert at 4 lands above the client's headers). The delivered messages agree."
+    "Sendmail counts an insert index in its own header list, which begins with the .cf's hidden default headers"
+    " (insert at 4 lands above the client's headers), and the chain cannot know them; so a later filter is shown"
+    " that header elsewhere. (Headers added by name are placed as Sendmail does: see the placement-edits lineup.)"
+    " The delivered messages agree."
 )
 
 
