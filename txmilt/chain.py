@@ -96,8 +96,9 @@ OVER_LIMIT_REPLIES = {
 
 _CONTINUE = Continue()
 _HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
-_CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
-_SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
+_CONTINUES: tuple[Response, ...] = (_CONTINUE,)
+_CONTENT = frozenset({Header, EndOfHeaders, BodyChunk, EndOfMessage})
+_SESSION_ENDS = frozenset({Quit, Disconnected, QuitNoClose})
 
 
 class SessionState(Protocol):
@@ -208,23 +209,23 @@ class Chain:
         reaches the filters: its content is answered TempFail.
         """
         kind = type(command)
-        if session.over_limit is not None and kind in _CONTENT:
+        if kind in _CONTENT and session.over_limit is not None:
             return self._over_limit(session.over_limit)
         if kind is Abort:
             return self._after(self._end_message(self._members), ())
-        if isinstance(command, _SESSION_ENDS):
+        if kind in _SESSION_ENDS:
             return self._session_end(command)
-        if isinstance(command, MailFrom):
-            self._begin_message(command, session)
-        elif isinstance(command, Connect) and self._conditional:
-            self._check_connection(command)
-        elif isinstance(command, Header):
-            self._copy.header(command.name, command.value)
-        elif isinstance(command, BodyChunk):
-            self._copy.body(command.data)
-        if isinstance(command, EndOfMessage):
-            return self._end_of_message(command, session)
-        return self._dispatch(command, session)
+        if kind is MailFrom:
+            self._begin_message(command, session)  # type: ignore[arg-type]
+        elif kind is Header:
+            self._copy.header(command.name, command.value)  # type: ignore[union-attr]
+        elif kind is BodyChunk:
+            self._copy.body(command.data)  # type: ignore[union-attr]
+        elif kind is EndOfMessage:
+            return self._end_of_message(command, session)  # type: ignore[arg-type]
+        elif kind is Connect and self._conditional:
+            self._check_connection(command)  # type: ignore[arg-type]
+        return self._dispatch(command, session)  # type: ignore[arg-type]
 
     def _session_end(self, command: Command | Disconnected) -> Outcome:
         outcome = self._after(self.close(), ())
@@ -254,6 +255,8 @@ class Chain:
         rejected = kind is RcptTo and macros.get("rcpt_mailer") == "error"
         targets: list[Member] = []
         results: list[Any] = []
+        sequential = self._sequential
+        continued = True  # every filter called answered Continue at once
         for member in self._members:
             if member.spec.dry_run:
                 member.enqueue(functools.partial(
@@ -264,10 +267,19 @@ class Chain:
             if argument is None:
                 continue
             targets.append(member)
-            if self._sequential and targets[0] is not member:
+            if sequential and targets[0] is not member:
                 results.append(Later(functools.partial(member.call, stage, argument, macros)))
+                continued = False
             else:
-                results.append(member.call(stage, argument, macros))
+                result = member.call(stage, argument, macros)
+                continued = continued and type(result) is Continue
+                results.append(result)
+        if continued and targets:
+            # What _decide answers when every filter called continued: no filter retires or skips,
+            # some filter is still active (so not all accepted), and some body reader is not skipping.
+            for member in targets:
+                self._count(member, stage, _CONTINUE)
+            return _CONTINUES
         walked = walk(results, lambda _, verdict: isinstance(verdict, REFUSALS))
         if isinstance(walked, Deferred):
             return self._track(walked.addCallback(lambda w: self._decide(command, session, targets, w)))

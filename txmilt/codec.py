@@ -570,51 +570,103 @@ def decode_response(letter: str, payload: bytes) -> Response:
 
 
 class FrameBuffer:
-    """Reassembles frames from a byte stream fed in arbitrary pieces."""
+    """Reassembles frames from a byte stream fed in arbitrary pieces.
 
-    __slots__ = ("_buffer", "_offset", "limit")
+    The pieces are kept as they were fed, not appended to one buffer: a payload
+    inside one piece is sliced out of it, and one that spans pieces is joined
+    from them, so each payload byte is copied once, however big the frame.
+    """
+
+    __slots__ = ("_data", "_later", "_offset", "_size", "limit")
 
     def __init__(self, limit: int = DEFAULT_FRAME_LIMIT) -> None:
         if not 0 < limit <= ABSOLUTE_FRAME_LIMIT:
             raise LocalProtocolError(f"frame limit {limit} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-        self._buffer = bytearray()
+        self._data: bytes = b""  # the piece being read, from _offset on
         self._offset = 0
+        self._later: list[bytes] = []  # pieces fed after it, in order (rarely more than one)
+        self._size = 0  # bytes not yet handed out, in all pieces
         self.limit = limit
 
     def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        self._buffer += data
+        """Append received bytes (kept as they are: the caller must not change them afterwards)."""
+        if not data:
+            return
+        if self._size:
+            self._later.append(bytes(data))
+        else:
+            self._data, self._offset = bytes(data), 0
+        self._size += len(data)
 
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
-        return len(self._buffer) - self._offset
+        return self._size
 
     def next_frame(self) -> tuple[str, bytes] | None:
         """The next whole frame as (letter, payload), or None until more bytes arrive.
 
         A length of 0 counts as 1 (the fifth byte is still the letter), as in libmilter.
         """
-        buffer, offset = self._buffer, self._offset
-        available = len(buffer) - offset
-        if available < _HEADER_SIZE:
+        data, offset = self._data, self._offset
+        if len(data) - offset >= _HEADER_SIZE:
+            (length,) = _U32.unpack_from(data, offset)
+            end = offset + 4 + (length or 1)
+            if end <= len(data) and length <= self.limit + 1:  # the frame is in this piece: slice it out
+                self._size -= end - offset
+                if end == len(data):
+                    self._next_piece()
+                else:
+                    self._offset = end
+                return chr(data[offset + 4]), data[offset + _HEADER_SIZE:end]
+        elif self._size < _HEADER_SIZE:
             return None
-        (length,) = _U32.unpack_from(buffer, offset)
+        else:
+            length = _U32.unpack(self._peek(4))[0]
         if length > self.limit + 1:
             error = FrameSizeError(length - 1, self.limit)
-            error.args = (f"{chr(buffer[offset + 4])!r} {error}",)
+            error.args = (f"{chr(self._peek(5)[4])!r} {error}",)
             raise error
-        end = offset + 4 + (length or 1)
-        if end > len(buffer):
+        size = length or 1
+        if self._size < 4 + size:
             return None
-        letter = chr(buffer[offset + 4])
-        payload = bytes(buffer[offset + _HEADER_SIZE:end])
-        if end == len(buffer):
-            buffer.clear()
-            self._offset = 0
-        elif end > 65536 and end * 2 > len(buffer):
-            del buffer[:end]
-            self._offset = 0
+        letter = chr(self._take(_HEADER_SIZE)[4])
+        return letter, self._take(size - 1)
+
+    def _peek(self, count: int) -> bytes:
+        """The first ``count`` bytes (there are that many), left in place."""
+        head = self._data[self._offset:self._offset + count]
+        for piece in self._later:
+            if len(head) >= count:
+                break
+            head += piece[:count - len(head)]
+        return head
+
+    def _take(self, count: int) -> bytes:
+        """Remove and return the first ``count`` bytes (there are that many), joined in one copy."""
+        if not count:
+            return b""
+        self._size -= count
+        views: list[memoryview] = []
+        while count:
+            data, offset = self._data, self._offset
+            available = len(data) - offset
+            if count < available:
+                views.append(memoryview(data)[offset:offset + count])
+                self._offset = offset + count
+                break
+            views.append(memoryview(data)[offset:])
+            count -= available
+            self._next_piece()
+        if len(views) == 1:
+            return bytes(views[0])
+        return b"".join(views)
+
+    def _next_piece(self) -> None:
+        """The current piece is used up: go on to the next one, or hold nothing."""
+        later = self._later
+        if later:
+            self._data = later.pop(0)
         else:
-            self._offset = end
-        return letter, payload
+            self._data = b""
+        self._offset = 0

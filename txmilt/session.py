@@ -17,6 +17,7 @@ from typing import Final
 from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
 from txmilt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from txmilt.macros import EMPTY_MACROS as EMPTY_MACROS
+from txmilt.macros import WireMacros
 from txmilt.macros import MacroView as MacroView
 from txmilt.macros import normal_macro_name
 from txmilt.messages import (
@@ -491,11 +492,13 @@ class MilterSession(_Session):
             if not self._eof:
                 raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
             self._awaiting = None  # the MTA is gone: the reply can no longer be delivered
-        while not self._pending:
+        pending = self._pending
+        frames = self._frames
+        while not pending:
             if self.stage is Stage.CLOSED:
                 return NEED_DATA
             try:
-                frame = self._frames.next_frame()
+                frame = frames.next_frame()
             except RemoteProtocolError as e:
                 stage, self.stage = self.stage, Stage.CLOSED
                 e.args = (f"{e} (in stage {stage.value})",)
@@ -503,17 +506,39 @@ class MilterSession(_Session):
             if frame is None:
                 if not self._eof:
                     return NEED_DATA
-                truncated = self._frames.pending > 0
+                truncated = frames.pending > 0
                 events: list[MilterEvent] = [Abort()] if self._message_open else []
                 self._message_open = False
                 self.stage = Stage.CLOSED
-                self._pending.extend([*events, Disconnected(truncated)])
+                pending.extend([*events, Disconnected(truncated)])
+                event = pending.pop(0)
                 break
-            self._pending.extend(self._command(*frame))
-        event = self._pending.pop(0)
-        if not isinstance(event, Disconnected | Notice) and self._reply_expected(event):
-            self._awaiting = event
+            letter, payload = frame
+            if letter == "D" and self._whole_macros(payload):
+                continue
+            events = self._command(letter, payload)
+            if len(events) == 1 and not pending:
+                event = events[0]  # the common case: one command, no list to go through
+                break
+            pending.extend(events)
+        else:
+            event = pending.pop(0)
+        kind = type(event)
+        if kind is Negotiate or kind is EndOfMessage or (kind in NO_REPLY_FLAG and kind not in self._silent):
+            self._awaiting = event  # type: ignore[assignment]
         return event
+
+    def _whole_macros(self, payload: bytes) -> bool:
+        """Keep an undamaged MACRO packet's values undecoded until read; False to take the general way."""
+        if self.stage is Stage.INIT or not payload:
+            return False
+        letter = chr(payload[0])
+        if len(payload) > 1 and (payload[-1] != 0 or payload.count(0) % 2):
+            return False  # damaged: decoded and reported as libmilter tolerates it
+        if letter in _MACRO_LETTERS:
+            self._macros[letter] = WireMacros(payload[1:])
+            self._macro_view = None
+        return True
 
     def _command(self, letter: str, payload: bytes) -> list[MilterEvent]:
         stage = self.stage
@@ -523,12 +548,21 @@ class MilterSession(_Session):
             self.stage = Stage.CLOSED
             e.args = (f"{e} (in stage {stage.value})",)
             raise
-        try:
-            events = self._order(command, RemoteProtocolError)
-        except RemoteProtocolError:
-            self.stage = Stage.CLOSED
-            raise
-        if isinstance(command, Macros):
+        kind = type(command)
+        target = self._transitions[stage].get(kind) if kind is not Negotiate else None
+        if target is not None:  # a command of a stage, where it may come: the common case of _order
+            self.stage = target
+            events: list[MilterEvent] = [command]
+            if kind is MailFrom:
+                self._message_open = True
+        else:
+            try:
+                events = list(self._order(command, RemoteProtocolError))
+            except RemoteProtocolError:
+                self.stage = Stage.CLOSED
+                raise
+        if kind is Macros:
+            assert isinstance(command, Macros)
             self._store_macros(command)
             if command.damage and not self._damage_noticed:
                 self._damage_noticed = True
@@ -545,11 +579,11 @@ class MilterSession(_Session):
         if letter in "OQK":
             self._macros = {}
             self._macro_view = None
-        elif command.letter in _MACRO_CLEARS:
-            for letter in _MACRO_CLEARS[command.letter]:
-                if self._macros.pop(letter, None) is not None:
+        elif letter in _MACRO_CLEARS:
+            for cleared in _MACRO_CLEARS[letter]:
+                if self._macros.pop(cleared, None) is not None:
                     self._macro_view = None
-        return list(events)
+        return events
 
     def _count_header(self, size: int) -> None:
         self.header_count += 1
