@@ -288,19 +288,19 @@ class Chain:
     def _argument(self, member: Member, command: Command, rejected: bool) -> object | None:
         """What ``member``'s callback is given for ``command`` now, or None if the filter is not called."""
         kind = type(command)
-        if not member.active or kind not in member.profile.needs.receives:
+        if member.retired or member.retired_for_connection or kind not in member.profile.needs.receives:
             return None
-        if isinstance(command, BodyChunk):
+        if kind is BodyChunk:
             if member.skipping or member.replayed:
                 return None
             if member.profile.whole_body:
-                self._buffer(member, command.data)
+                self._buffer(member, command.data)  # type: ignore[union-attr]
             return command if member.profile.calls_body else None
-        if isinstance(command, Header):
+        if kind is Header:
             if member.replayed:
                 return None
             if member.strip_space:
-                return Header(command.name, strip_leading_space(command.value))
+                return Header(command.name, strip_leading_space(command.value))  # type: ignore[union-attr]
             return command
         if kind is EndOfHeaders:
             return None if member.replayed else command

@@ -609,15 +609,18 @@ class FrameBuffer:
         A length of 0 counts as 1 (the fifth byte is still the letter), as in libmilter.
         """
         data, offset = self._data, self._offset
-        if len(data) - offset >= _HEADER_SIZE:
+        size = len(data)
+        if size - offset >= _HEADER_SIZE:
             (length,) = _U32.unpack_from(data, offset)
             end = offset + 4 + (length or 1)
-            if end <= len(data) and length <= self.limit + 1:  # the frame is in this piece: slice it out
+            if end <= size and length <= self.limit + 1:  # the frame is in this piece: slice it out
                 self._size -= end - offset
-                if end == len(data):
-                    self._next_piece()
-                else:
+                if end != size:
                     self._offset = end
+                elif self._later:
+                    self._data, self._offset = self._later.pop(0), 0
+                else:
+                    self._data, self._offset = b"", 0
                 return chr(data[offset + 4]), data[offset + _HEADER_SIZE:end]
         elif self._size < _HEADER_SIZE:
             return None
@@ -664,9 +667,4 @@ class FrameBuffer:
 
     def _next_piece(self) -> None:
         """The current piece is used up: go on to the next one, or hold nothing."""
-        later = self._later
-        if later:
-            self._data = later.pop(0)
-        else:
-            self._data = b""
-        self._offset = 0
+        self._data, self._offset = self._later.pop(0) if self._later else b"", 0

@@ -190,9 +190,16 @@ class MilterProtocol(Protocol):
 
     @override
     def dataReceived(self, data: bytes) -> None:
-        self.session.receive_data(data)
+        session = self.session
+        session.receive_data(data)
         if not self._busy:
-            self._restart_idle_timer()
+            if session.negotiated is not None and self.factory.idle_timeout:
+                self._deadline = deadline = self.factory.clock.seconds() + self.factory.idle_timeout
+                if deadline < self._watched:
+                    self._watched = deadline
+                    self.factory.deadlines.watch(deadline, self)
+            else:
+                self._restart_idle_timer()
             self._pump()
             self._track_frame()
 
@@ -213,26 +220,28 @@ class MilterProtocol(Protocol):
 
     def _pump(self) -> None:
         """Process whole commands until one has to wait for a filter or bytes run out."""
+        session, chain = self.session, self.chain
         try:
             while not self._busy and not self._finished:
-                event = self.session.next_event()
+                event = session.next_event()
                 if event is NEED_DATA:
                     return
-                if isinstance(event, Negotiate):
-                    self._negotiate(event)
+                kind = type(event)
+                if kind is Negotiate:
+                    self._negotiate(event)  # type: ignore[arg-type]
                     continue
-                if isinstance(event, Notice):
-                    self.log.warn("[{conn}] {notice}", conn=self.connection_id, notice=event.text)
+                if kind is Notice:
+                    self.log.warn("[{conn}] {notice}", conn=self.connection_id, notice=event.text)  # type: ignore[union-attr]
                     continue
                 if self._observer is not None:
                     self._started = self.factory.clock.seconds()
-                outcome = self.chain.handle(event, self.session)
-                if isinstance(outcome, Deferred):
+                outcome = chain.handle(event, session)  # type: ignore[arg-type]
+                if type(outcome) is not tuple and isinstance(outcome, Deferred):
                     self._busy = True
                     self._cancel_idle_timer()
                     outcome.addCallbacks(self._resume, self._crashed, callbackArgs=(event,))
                     return
-                self._answer(outcome, event)
+                self._answer(outcome, event)  # type: ignore[arg-type]
         except RemoteProtocolError as e:
             self._drop("protocol error from the MTA: {error}", error=str(e))
         except Exception:
@@ -250,13 +259,18 @@ class MilterProtocol(Protocol):
     def _answer(self, responses: Sequence[Response], event: object) -> None:
         if self._observer is not None:
             self._observer.command(type(event).__name__, self.factory.clock.seconds() - self._started)
-        if self.session.reply_due:
-            send = self.session.send
-            self._write(b"".join([send(response) for response in responses]))
-        if isinstance(event, (Quit, Disconnected)):
+        session = self.session
+        if session.reply_due:
+            if len(responses) == 1:
+                self._write(session.send(responses[0]))
+            else:
+                send = session.send
+                self._write(b"".join([send(response) for response in responses]))
+        kind = type(event)
+        if kind is Quit or kind is Disconnected:
             self._finished = True
             self.transport.loseConnection()  # type: ignore[union-attr]
-        elif isinstance(event, QuitNoClose):
+        elif kind is QuitNoClose:
             self.log.debug("[{conn}] new SMTP session on this connection", conn=self.connection_id)
 
     def _resume(self, responses: Sequence[Response], event: object) -> None:

@@ -79,6 +79,9 @@ class Stage(enum.Enum):
     UNKNOWN = "UNKNOWN"
     CLOSED = "closed"
 
+    #: Members are singletons compared by identity: hash them so too (Enum's own hash is Python code).
+    __hash__ = object.__hash__
+
 
 class Scope(enum.Enum):
     """What a final reply closes, as the MTA acts on it."""
@@ -283,6 +286,27 @@ def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
 
 
 
+_REPLIES_SENT: dict[tuple[Negotiate, int], tuple[NegotiateReply, bytes]] = {}
+
+
+def _checked_reply(offer: Negotiate, reply: NegotiateReply) -> bytes:
+    """The bytes of ``reply`` once it is checked against ``offer``; remembered for replies sent again.
+
+    A daemon sends the same few reply objects (its chain's plans) to every
+    connection, so the check and the encoding are done once per offer and reply.
+    """
+    key = (offer, id(reply))
+    known = _REPLIES_SENT.get(key)
+    if known is not None and known[0] is reply:
+        return known[1]
+    check_negotiation(offer, reply, LocalProtocolError)
+    data = encode(reply)
+    if len(_REPLIES_SENT) >= 64:
+        _REPLIES_SENT.clear()
+    _REPLIES_SENT[key] = (reply, data)
+    return data
+
+
 # ------------------------------------------------------------------ sessions
 
 
@@ -470,17 +494,16 @@ class MilterSession(_Session):
             stored = self._macros
             view = EMPTY_MACROS
             if stored:
-                view = MacroView(tuple(stored[letter] for letter in _MACRO_LETTERS if letter in stored))
+                view = MacroView(tuple([stored[letter] for letter in _MACRO_LETTERS if letter in stored]))
             self._macro_view = view
         return view
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the MTA; ``b""`` marks the end of the stream."""
-        if data:
-            if not self._eof:
-                self._frames.feed(data)
-        else:
+        if not data:
             self._eof = True
+        elif not self._eof:
+            self._frames.feed(data)
 
     def next_event(self) -> MilterEvent | _NeedData:
         """The next command (or Disconnected, or a Notice of ignored damage), or NEED_DATA.
@@ -606,14 +629,17 @@ class MilterSession(_Session):
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
         command = self._awaiting
-        if type(response) is Continue and command is not None and type(command) is not Negotiate:
-            self._after_final(command, response)  # the common case, without the general checks
-            return _CONTINUE_FRAME
+        if type(response) is Continue and command is not None:
+            kind = type(command)
+            if kind is not Negotiate:  # the common case, without the general checks (see _after_final)
+                self._awaiting = None
+                if kind is EndOfMessage and self.stage is not Stage.CLOSED:
+                    self._message_open = False
+                return _CONTINUE_FRAME
         command = self._check_response(response, LocalProtocolError)
         if isinstance(response, NegotiateReply):
             assert isinstance(command, Negotiate)
-            check_negotiation(command, response, LocalProtocolError)
-            data = encode(response)
+            data = _checked_reply(command, response)
             self._set_negotiated(command, response)
             self._awaiting = None
             return data
