@@ -93,8 +93,9 @@ def session_reads(body_size: int, headers: int = 10) -> list[bytes]:
         name = HEADER_NAMES[number % len(HEADER_NAMES)]
         step(Macros("L", queue), Header(name, f"value of header {number} for the benchmark <x{number}@example.com>"))
     step(Macros("N", queue), EndOfHeaders())
-    body = bytes((ord("a") + (i // 78 + i % 78) % 26) if i % 78 < 76 else (13 if i % 78 == 76 else 10)
-                 for i in range(body_size))
+    lines = (bytes(ord("a") + (row + column) % 26 for column in range(76)) + b"\r\n" for row in range(26))
+    page = b"".join(lines)  # 26 lines of 78 bytes, then the letters repeat, as in the driver's body
+    body = (page * (body_size // len(page) + 1))[:body_size]
     for at in range(0, body_size, 65535):
         step(Macros("B", queue), BodyChunk(body[at:at + 65535]))
     step(Macros("E", queue), EndOfMessage())

@@ -277,8 +277,9 @@ class Chain:
         if continued and targets:
             # What _decide answers when every filter called continued: no filter retires or skips,
             # some filter is still active (so not all accepted), and some body reader is not skipping.
-            for member in targets:
-                self._count(member, stage, _CONTINUE)
+            if self._context.observer is not None:
+                for member in targets:
+                    self._count(member, stage, _CONTINUE)
             return _CONTINUES
         walked = walk(results, lambda _, verdict: isinstance(verdict, REFUSALS))
         if isinstance(walked, Deferred):
@@ -524,8 +525,9 @@ class Chain:
                 return True
             if not member.failed and isinstance(verdict, Continue | Accept):
                 merger.add(member.name, recorder, saw_edits=member.replayed)
-                for kind in describe(recorder):
-                    self._count_change(member, kind)
+                if self._context.observer is not None:
+                    for kind in describe(recorder):
+                        self._count_change(member, kind)
             # Postfix ends a quarantined message's milter pass; Sendmail goes on to the next milter.
             return stop_on_quarantine and merger.quarantined is not None
 

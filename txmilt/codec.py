@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -355,6 +356,12 @@ def _check_address(
     text = address
     if family is Family.INET6 and text[:5].lower() == "ipv6:":
         text = text[5:]
+    if family is Family.INET:
+        try:
+            socket.inet_pton(socket.AF_INET, text)  # what it takes, ipaddress takes too; quicker
+            return
+        except (OSError, ValueError):
+            pass  # ipaddress decides (and explains)
     try:
         if family is Family.INET:
             ipaddress.IPv4Address(text)
@@ -392,13 +399,19 @@ def _dec_connect(payload: bytes) -> Connect:
 
 def _dec_envelope(cls: type[MailFrom] | type[RcptTo], name: str) -> Callable[[bytes], MailFrom | RcptTo]:
     def decode(payload: bytes) -> MailFrom | RcptTo:
-        address, *args = _strings(cls.letter, payload, name)
+        if payload[-1:] == b"\0":
+            address, *args = payload[:-1].decode("utf-8", "surrogateescape").split("\0")
+            return cls(address, tuple(args))
+        address, *args = _strings(cls.letter, payload, name)  # raises the error that says what is wrong
         return cls(address, tuple(args))
 
     return decode
 
 
 def _dec_header(payload: bytes) -> Header:
+    if payload[-1:] == b"\0" and payload.count(0) == 2 and payload[0]:
+        name, value, _ = payload.decode("utf-8", "surrogateescape").split("\0")
+        return Header(name, value)
     name, value = _exactly("L", payload, "HEADER", 2)
     if not name:
         raise RemoteProtocolError("HEADER ('L') has an empty name")
