@@ -121,20 +121,26 @@ class PostfixRig:
         self.postfix.set_main_cf({"smtpd_milters": milters})
         time.sleep(0.5)  # let the old smtpd processes go; new ones read the new list
 
-    def send(self, sessions: int, messages: int, stamp: str | None, within: float = 120.0) -> Delivery:
-        """Send ``messages`` over ``sessions`` parallel SMTP sessions; wait for the sink to have them all."""
+    def source(self, sessions: int, messages: int, within: float = 300.0) -> tuple[float, int, str]:
+        """Send ``messages`` over ``sessions`` parallel SMTP sessions: seconds taken, exit status, complaint."""
         command = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-F", str(self.message),
                    "-f", "sender@example.com", "-t", "rcpt@example.net", "-M", "client.example.com",
                    f"127.0.0.1:{self.postfix.smtp_port}"]
         started = time.monotonic()
         done = subprocess.run(command, capture_output=True, text=True, timeout=within, stdin=subprocess.DEVNULL)
-        seconds = time.monotonic() - started
-        delivered, stamped = self._collect(messages if done.returncode == 0 else None, stamp, within)
-        return Delivery(sessions, messages, seconds, delivered, stamped, done.returncode,
-                        (done.stderr or done.stdout).strip()[-300:])
+        return time.monotonic() - started, done.returncode, (done.stderr or done.stdout).strip()[-300:]
 
-    def _collect(self, expected: int | None, stamp: str | None, within: float) -> tuple[int, int]:
-        """Messages and stamped messages the sink received since the last call (waiting for ``expected``)."""
+    def send(self, sessions: int, messages: int, stamp: str | None, within: float = 120.0) -> Delivery:
+        """Send ``messages`` over ``sessions`` parallel SMTP sessions; wait for the sink to have them all."""
+        seconds, status, complaint = self.source(sessions, messages, within)
+        delivered, stamped = self.collect(messages if status == 0 else None, stamp, within)
+        return Delivery(sessions, messages, seconds, delivered, stamped, status, complaint)
+
+    def collect(self, expected: int | None, stamp: str | None, within: float = 120.0) -> tuple[int, int]:
+        """Messages, and messages carrying ``stamp: 1``, the sink received since the last call.
+
+        Waits until ``expected`` messages are in (or ``within`` seconds passed).
+        """
         deadline = time.monotonic() + within
         marker = f"Subject: {SUBJECT}".encode()
         pattern = re.compile(rb"^" + re.escape(stamp.encode()) + rb": 1\r?$", re.MULTILINE) if stamp else None

@@ -175,6 +175,7 @@ class MilterProtocol(Protocol):
         self._observer = factory.server_observer
         self._started = 0.0
         self._socket: socket.socket | None = None
+        self._replied = False  # whether anything was written since the last read
 
     @override
     def connectionMade(self) -> None:
@@ -200,8 +201,29 @@ class MilterProtocol(Protocol):
                     self.factory.deadlines.watch(deadline, self)
             else:
                 self._restart_idle_timer()
+            self._replied = False
             self._pump()
             self._track_frame()
+            if not self._replied and not self._busy and self._socket is not None:
+                self._acknowledge_now()
+
+    def _acknowledge_now(self) -> None:
+        """ACK what was read at once: nothing we send will carry the ACK soon.
+
+        An MTA that writes a packet needing no reply (the macros of a command
+        switched off, a command answered by no reply) and then, under Nagle,
+        holds its next packet until that one is acknowledged would otherwise
+        wait for the kernel's delayed ACK, about 40 ms (Postfix does, at DATA
+        switched off). TCP_QUICKACK set after a read sends the pending ACK.
+        """
+        sock = self._socket
+        quickack = getattr(socket, "TCP_QUICKACK", None)
+        if sock is None or quickack is None:
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        except OSError:
+            pass  # the connection is going away; its transport will say so
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -294,6 +316,7 @@ class MilterProtocol(Protocol):
         nothing of ours is queued, and whatever the kernel does not take goes to
         the transport, so the order of bytes is kept.
         """
+        self._replied = True
         transport: Any = self.transport
         sock = self._socket
         if sock is not None and not transport.dataBuffer and not transport._tempDataBuffer and not transport.TLS:
