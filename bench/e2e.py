@@ -50,7 +50,8 @@ def unavailable() -> str | None:
 def message_text(body_size: int = 2048) -> bytes:
     """The W1 message: Subject and nine more headers, then ``body_size`` bytes of 76-character lines."""
     lines = [f"Subject: {SUBJECT}"]
-    lines += [f"{name}: value of header {n} for the benchmark <x{n}@example.com>" for n, name in enumerate(HEADER_NAMES)]
+    lines += [f"{name}: value of header {n} for the benchmark <x{n}@example.com>"
+              for n, name in enumerate(HEADER_NAMES)]
     lines.append("")
     body = []
     size = 0

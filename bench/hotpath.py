@@ -211,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.callgrind:
             few, many = (20, 60) if workload == "W1" else (2, 6)
             per_message = (callgrind_count(workload, many) - callgrind_count(workload, few)) / (many - few)
-            print(f"{workload}: {per_message / 1e6:.3f} M instructions per message, {per_message / commands / 1e3:.1f} k"
-                  f" per command ({commands} commands; callgrind, {many} - {few} sessions)")
+            print(f"{workload}: {per_message / 1e6:.3f} M instructions per message,"
+                  f" {per_message / commands / 1e3:.1f} k per command"
+                  f" ({commands} commands; callgrind, {many} - {few} sessions)")
         elif options.per_command:
             print(f"{workload}: {timed(workload, options.seconds) / commands:.1f}")
         else:

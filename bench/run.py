@@ -742,7 +742,7 @@ def report(
             if one is None and many is None:
                 continue
             added = "" if one is None or base is None or target == "no milter" else f"{one.ms_per_msg - base:+.1f}"
-            cpu = "–" if many is None or many.milter_cpu_ms_per_msg is None else f"{many.milter_cpu_ms_per_msg:.2f}"
+            cpu = "-" if many is None or many.milter_cpu_ms_per_msg is None else f"{many.milter_cpu_ms_per_msg:.2f}"
             print(f"{target:<19} {one.ms_per_msg if one else 0:>9.1f} {added:>8} {many.msg_per_s if many else 0:>9.0f}"
                   f" {cpu:>21} {many.milter_cpu_pct if many else 0:>15.0f} {many.rest_cpu_pct if many else 0:>13.0f}"
                   f" {(one.errors if one else 0) + (many.errors if many else 0):>6}", file=out)
@@ -818,9 +818,10 @@ def report(
             e2e_value("txmilt --workers 2", 16, "msg_per_s"), e2e_value("C libmilter", 16, "msg_per_s")),
         "W4 txmilt kB RSS per idle connection": rss_per_conn,
     }
-    print("\nRatios (synthetic: ACK at once)", file=out)
+    print("\nRatios and figures (synthetic ones: ACK at once)", file=out)
     for name, number in ratios.items():
-        shown = "n/a" if number is None else f"{number:.2f}" + ("x" if "/" in name else "")
+        unit = "" if name in FIGURES else "x"
+        shown = "n/a" if number is None else f"{number:.2f}{unit}"
         print(f"  {name:<58} {shown}", file=out)
 
     checks = [
@@ -857,6 +858,13 @@ def report(
         print(f"  - {note}", file=out)
     return ratios, checks
 
+
+#: Entries of the ratios table that are figures (ms, µs, kB), not ratios.
+FIGURES = frozenset({
+    "W1 c=32 txmilt CPU ms/msg", "W1 c=32 pymilter CPU ms/msg", "W1 c=32 txmilt us per command",
+    "E2E txmilt added ms per message, 1 session", "E2E txmilt milter CPU ms/msg, 16 sessions",
+    "E2E pymilter milter CPU ms/msg, 16 sessions", "W4 txmilt kB RSS per idle connection",
+})
 
 #: The Postfix version of the end-to-end run, once known.
 E2E_POSTFIX_VERSION = ["?"]

@@ -177,16 +177,16 @@ class FakeConnection(tcp.Connection):
         self.disconnecting = False
         self.connected = True
 
-    def write(self, data: bytes) -> None:  # type: ignore[override]
+    def write(self, data: bytes) -> None:
         self.written.append(bytes(data))
 
-    def setTcpNoDelay(self, enabled: bool) -> None:  # type: ignore[override]  # noqa: N802 - Twisted's name
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 - Twisted's name
         pass
 
-    def loseConnection(self, reason: object = None) -> None:  # type: ignore[override]  # noqa: N802
+    def loseConnection(self, reason: object = None) -> None:  # noqa: N802
         self.disconnecting = True
 
-    def getPeer(self) -> IPv4Address:  # type: ignore[override]  # noqa: N802 - Twisted's name
+    def getPeer(self) -> IPv4Address:  # noqa: N802 - Twisted's name
         return IPv4Address("TCP", "127.0.0.1", 40000)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import socket
@@ -220,10 +221,8 @@ class MilterProtocol(Protocol):
         quickack = getattr(socket, "TCP_QUICKACK", None)
         if sock is None or quickack is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # the connection is going away; its transport will say so
             sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
-        except OSError:
-            pass  # the connection is going away; its transport will say so
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -263,7 +262,7 @@ class MilterProtocol(Protocol):
                     self._cancel_idle_timer()
                     outcome.addCallbacks(self._resume, self._crashed, callbackArgs=(event,))
                     return
-                self._answer(outcome, event)  # type: ignore[arg-type]
+                self._answer(outcome, event)
         except RemoteProtocolError as e:
             self._drop("protocol error from the MTA: {error}", error=str(e))
         except Exception:

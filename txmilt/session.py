@@ -17,9 +17,8 @@ from typing import Final
 from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
 from txmilt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from txmilt.macros import EMPTY_MACROS as EMPTY_MACROS
-from txmilt.macros import WireMacros
 from txmilt.macros import MacroView as MacroView
-from txmilt.macros import normal_macro_name
+from txmilt.macros import WireMacros, normal_macro_name
 from txmilt.messages import (
     Abort,
     Accept,
