@@ -95,6 +95,8 @@ OVER_LIMIT_REPLIES = {
 }
 
 _CONTINUE = Continue()
+#: What the members log under (one Logger for all: ``self.log`` would make one per connection).
+_MEMBERS_LOG = Logger(namespace="txmilt.chain.Chain")
 _HEADER_EDITS = Action.ADD_HEADERS | Action.CHANGE_HEADERS
 _CONTINUES: tuple[Response, ...] = (_CONTINUE,)
 _CONTENT = frozenset({Header, EndOfHeaders, BodyChunk, EndOfMessage})
@@ -148,7 +150,7 @@ class Chain:
             raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
         self._lineup = filters if isinstance(filters, Lineup) else Lineup(filters)
         self._sequential = chain_order == "sequential"
-        self._context = Context(clock, connection_id, observer, self.log)
+        self._context = Context(clock, connection_id, observer, _MEMBERS_LOG)
         self._max_body_size = max_body_size
         self._spool_threshold = body_spool_threshold
         self._progress_interval = progress_interval
