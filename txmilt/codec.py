@@ -451,6 +451,10 @@ _COMMAND_DECODERS: Mapping[str, Callable[[bytes], Command]] = {
 }
 
 
+#: The decoder of each command letter (``decode_command`` without the unknown-letter error).
+COMMAND_DECODERS = _COMMAND_DECODERS
+
+
 def decode_command(letter: str, payload: bytes) -> Command:
     """The command an MTA sent in one frame."""
     try:
@@ -590,7 +594,7 @@ class FrameBuffer:
     from them, so each payload byte is copied once, however big the frame.
     """
 
-    __slots__ = ("_data", "_later", "_offset", "_size", "limit")
+    __slots__ = ("_data", "_later", "_offset", "limit", "pending")
 
     def __init__(self, limit: int = DEFAULT_FRAME_LIMIT) -> None:
         if not 0 < limit <= ABSOLUTE_FRAME_LIMIT:
@@ -598,23 +602,19 @@ class FrameBuffer:
         self._data: bytes = b""  # the piece being read, from _offset on
         self._offset = 0
         self._later: list[bytes] = []  # pieces fed after it, in order (rarely more than one)
-        self._size = 0  # bytes not yet handed out, in all pieces
+        #: Bytes received that do not yet form a whole frame (not yet handed out, in all pieces).
+        self.pending = 0
         self.limit = limit
 
     def feed(self, data: bytes) -> None:
         """Append received bytes (kept as they are: the caller must not change them afterwards)."""
         if not data:
             return
-        if self._size:
+        if self.pending:
             self._later.append(bytes(data))
         else:
             self._data, self._offset = bytes(data), 0
-        self._size += len(data)
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a whole frame."""
-        return self._size
+        self.pending += len(data)
 
     def next_frame(self) -> tuple[str, bytes] | None:
         """The next whole frame as (letter, payload), or None until more bytes arrive.
@@ -627,7 +627,7 @@ class FrameBuffer:
             (length,) = _U32.unpack_from(data, offset)
             end = offset + 4 + (length or 1)
             if end <= size and length <= self.limit + 1:  # the frame is in this piece: slice it out
-                self._size -= end - offset
+                self.pending -= end - offset
                 if end != size:
                     self._offset = end
                 elif self._later:
@@ -635,7 +635,7 @@ class FrameBuffer:
                 else:
                     self._data, self._offset = b"", 0
                 return chr(data[offset + 4]), data[offset + _HEADER_SIZE:end]
-        elif self._size < _HEADER_SIZE:
+        elif self.pending < _HEADER_SIZE:
             return None
         else:
             length = _U32.unpack(self._peek(4))[0]
@@ -644,7 +644,7 @@ class FrameBuffer:
             error.args = (f"{chr(self._peek(5)[4])!r} {error}",)
             raise error
         size = length or 1
-        if self._size < 4 + size:
+        if self.pending < 4 + size:
             return None
         letter = chr(self._take(_HEADER_SIZE)[4])
         return letter, self._take(size - 1)
@@ -662,7 +662,7 @@ class FrameBuffer:
         """Remove and return the first ``count`` bytes (there are that many), joined in one copy."""
         if not count:
             return b""
-        self._size -= count
+        self.pending -= count
         views: list[memoryview] = []
         while count:
             data, offset = self._data, self._offset

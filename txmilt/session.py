@@ -14,7 +14,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
+from txmilt.codec import (
+    COMMAND_DECODERS,
+    DEFAULT_FRAME_LIMIT,
+    FrameBuffer,
+    decode_command,
+    decode_response,
+    encode,
+)
 from txmilt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from txmilt.macros import EMPTY_MACROS as EMPTY_MACROS
 from txmilt.macros import MacroView as MacroView
@@ -517,7 +524,7 @@ class MilterSession(_Session):
         pending = self._pending
         frames = self._frames
         while not pending:
-            if self.stage is Stage.CLOSED:
+            if self.stage is Stage.CLOSED or (not frames.pending and not self._eof):
                 return NEED_DATA
             try:
                 frame = frames.next_frame()
@@ -536,7 +543,14 @@ class MilterSession(_Session):
                 event = pending.pop(0)
                 break
             letter, payload = frame
-            if letter == "D" and self._whole_macros(payload):
+            # An undamaged MACRO packet (whole NUL-terminated name/value pairs) is kept undecoded until a
+            # filter reads it; a damaged one takes the general way, decoded as libmilter tolerates it.
+            if (letter == "D" and self.stage is not Stage.INIT and payload
+                    and (len(payload) == 1 or (payload[-1] == 0 and not payload.count(0) % 2))):
+                macro_letter = chr(payload[0])
+                if macro_letter in _MACRO_LETTERS:
+                    self._macros[macro_letter] = WireMacros(payload[1:])
+                    self._macro_view = None
                 continue
             events = self._command(letter, payload)
             if len(events) == 1 and not pending:
@@ -550,22 +564,11 @@ class MilterSession(_Session):
             self._awaiting = event  # type: ignore[assignment]
         return event
 
-    def _whole_macros(self, payload: bytes) -> bool:
-        """Keep an undamaged MACRO packet's values undecoded until read; False to take the general way."""
-        if self.stage is Stage.INIT or not payload:
-            return False
-        letter = chr(payload[0])
-        if len(payload) > 1 and (payload[-1] != 0 or payload.count(0) % 2):
-            return False  # damaged: decoded and reported as libmilter tolerates it
-        if letter in _MACRO_LETTERS:
-            self._macros[letter] = WireMacros(payload[1:])
-            self._macro_view = None
-        return True
-
     def _command(self, letter: str, payload: bytes) -> list[MilterEvent]:
         stage = self.stage
         try:
-            command = decode_command(letter, payload)
+            decoder = COMMAND_DECODERS.get(letter)
+            command = decoder(payload) if decoder is not None else decode_command(letter, payload)
         except RemoteProtocolError as e:
             self.stage = Stage.CLOSED
             e.args = (f"{e} (in stage {stage.value})",)
