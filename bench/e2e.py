@@ -105,6 +105,7 @@ class PostfixRig:
             "smtp_connection_cache_on_demand": "yes",
         })
         self.postfix = PostfixInstance(free_port(), ("127.0.0.1", self.sink_port), main_cf=settings)
+        self._read = 0  # how much of the sink's dump file has been counted
         try:
             self.postfix.start()
         except PostfixError:
@@ -145,18 +146,27 @@ class PostfixRig:
         deadline = time.monotonic() + within
         marker = f"Subject: {SUBJECT}".encode()
         pattern = re.compile(rb"^" + re.escape(stamp.encode()) + rb": 1\r?$", re.MULTILINE) if stamp else None
-        while expected is not None and time.monotonic() < deadline:
-            if sum(path.read_bytes().count(marker) for path in self.dumps.iterdir()) >= expected:
-                break
+        while expected is not None and time.monotonic() < deadline and self._fresh().count(marker) < expected:
             time.sleep(0.05)
-        time.sleep(0.2)  # the sink closes its files after the reply to the final dot
-        fresh = b""
-        for path in sorted(self.dumps.iterdir()):
-            fresh += path.read_bytes()
-            path.unlink()
+        time.sleep(0.2)  # the sink appends a transaction after its reply to the final dot
+        fresh = self._fresh()
+        self._read += len(fresh)
         delivered = fresh.count(marker)
         stamped = len(pattern.findall(fresh)) if pattern else delivered
         return delivered, stamped
+
+    def _fresh(self) -> bytes:
+        """What the sink appended to its dump file since the last collect.
+
+        smtp-sink writes each transaction to a file of its own while it lasts
+        and appends it to the dump file (``dump``) when it is over.
+        """
+        try:
+            with open(self.dumps / "dump", "rb") as dump:
+                dump.seek(self._read)
+                return dump.read()
+        except FileNotFoundError:
+            return b""
 
     def idle(self, within: float = 60.0) -> None:
         """Wait until Postfix's queue is empty (the last run's deliveries done)."""

@@ -37,25 +37,8 @@ from twisted.internet.address import IPv4Address  # noqa: E402
 from twisted.internet.task import Clock  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 
+from txmilt import messages as m  # noqa: E402
 from txmilt.codec import encode  # noqa: E402
-from txmilt.messages import (  # noqa: E402
-    Abort,
-    Action,
-    BodyChunk,
-    Connect,
-    Data,
-    EndOfHeaders,
-    EndOfMessage,
-    Family,
-    Header,
-    Helo,
-    Macros,
-    MailFrom,
-    Negotiate,
-    ProtocolFlag,
-    Quit,
-    RcptTo,
-)
 from txmilt.protocol import MilterFactory  # noqa: E402
 
 #: Socket reads are at most this long (Twisted's read size).
@@ -72,34 +55,35 @@ QUEUE_ID = "4BvZ7Q2x9Kz1"
 def session_reads(body_size: int, headers: int = 10) -> list[bytes]:
     """The socket reads of one session, as the driver sends them (macros and command in one write)."""
     queue = (("i", QUEUE_ID),)
-    steps: list[bytes] = [encode(Negotiate(6, Action(0x1FF), ProtocolFlag(0x1FFFFF)))]
+    steps: list[bytes] = [encode(m.Negotiate(6, m.Action(0x1FF), m.ProtocolFlag(0x1FFFFF)))]
 
-    def step(macros: Macros | None, command: Any) -> None:
+    def step(macros: m.Macros | None, command: Any) -> None:
         steps.append((encode(macros) if macros is not None else b"") + encode(command))
 
-    step(Macros("C", (("j", "mx.example.net"), ("{daemon_name}", "mx.example.net"), ("{daemon_addr}", "127.0.0.1"),
+    step(m.Macros("C", (("j", "mx.example.net"), ("{daemon_name}", "mx.example.net"), ("{daemon_addr}", "127.0.0.1"),
                       ("v", "Postfix 3.7.11"), ("_", "client.example.com [192.0.2.10]"))),
-         Connect("client.example.com", Family.INET, 54321, "192.0.2.10"))
-    step(Macros("H"), Helo("client.example.com"))
-    step(Macros("M", (("{mail_addr}", "sender@example.com"), ("{mail_host}", "example.com"),
+         m.Connect("client.example.com", m.Family.INET, 54321, "192.0.2.10"))
+    step(m.Macros("H"), m.Helo("client.example.com"))
+    step(m.Macros("M", (("{mail_addr}", "sender@example.com"), ("{mail_host}", "example.com"),
                       ("{mail_mailer}", "smtp"))),
-         MailFrom("<sender@example.com>", ("BODY=8BITMIME", f"SIZE={body_size + 60 * headers}")))
-    step(Macros("R", (("i", QUEUE_ID), ("{rcpt_addr}", "rcpt1@example.net"), ("{rcpt_host}", "example.net"),
+         m.MailFrom("<sender@example.com>", ("BODY=8BITMIME", f"SIZE={body_size + 60 * headers}")))
+    step(m.Macros("R", (("i", QUEUE_ID), ("{rcpt_addr}", "rcpt1@example.net"), ("{rcpt_host}", "example.net"),
                       ("{rcpt_mailer}", "smtp"))),
-         RcptTo("<rcpt1@example.net>"))
-    step(Macros("T", queue), Data())
+         m.RcptTo("<rcpt1@example.net>"))
+    step(m.Macros("T", queue), m.Data())
     for number in range(headers):
         name = HEADER_NAMES[number % len(HEADER_NAMES)]
-        step(Macros("L", queue), Header(name, f"value of header {number} for the benchmark <x{number}@example.com>"))
-    step(Macros("N", queue), EndOfHeaders())
+        value = f"value of header {number} for the benchmark <x{number}@example.com>"
+        step(m.Macros("L", queue), m.Header(name, value))
+    step(m.Macros("N", queue), m.EndOfHeaders())
     lines = (bytes(ord("a") + (row + column) % 26 for column in range(76)) + b"\r\n" for row in range(26))
     page = b"".join(lines)  # 26 lines of 78 bytes, then the letters repeat, as in the driver's body
     body = (page * (body_size // len(page) + 1))[:body_size]
     for at in range(0, body_size, 65535):
-        step(Macros("B", queue), BodyChunk(body[at:at + 65535]))
-    step(Macros("E", queue), EndOfMessage())
-    step(None, Abort())
-    step(None, Quit())
+        step(m.Macros("B", queue), m.BodyChunk(body[at:at + 65535]))
+    step(m.Macros("E", queue), m.EndOfMessage())
+    step(None, m.Abort())
+    step(None, m.Quit())
     reads = []
     for data in steps:
         reads.extend(data[at:at + READ_SIZE] for at in range(0, len(data), READ_SIZE))

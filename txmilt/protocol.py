@@ -195,13 +195,7 @@ class MilterProtocol(Protocol):
         session = self.session
         session.receive_data(data)
         if not self._busy:
-            if session.negotiated is not None and self.factory.idle_timeout:
-                self._deadline = deadline = self.factory.clock.seconds() + self.factory.idle_timeout
-                if deadline < self._watched:
-                    self._watched = deadline
-                    self.factory.deadlines.watch(deadline, self)
-            else:
-                self._restart_idle_timer()
+            self._restart_idle_timer()
             self._replied = False
             self._pump()
             self._track_frame()
@@ -357,14 +351,17 @@ class MilterProtocol(Protocol):
 
     def _restart_idle_timer(self) -> None:
         """Restart the idle timer; before negotiation, run the negotiation deadline (never restarted)."""
-        negotiating = self._negotiating
-        if negotiating and self._deadline is not None:
+        factory = self.factory
+        if self.session.negotiated is not None or factory.negotiation_timeout <= 0:  # not _negotiating, inline
+            timeout = factory.idle_timeout
+        elif self._deadline is not None:
             return  # a deadline from connecting: trickling bytes do not extend it
-        timeout = self.factory.negotiation_timeout if negotiating else self.factory.idle_timeout
+        else:
+            timeout = factory.negotiation_timeout
         if not timeout:
             self._deadline = None
             return
-        deadline = self.factory.clock.seconds() + timeout
+        deadline = factory.clock.seconds() + timeout
         self._deadline = deadline
         if deadline < self._watched:
             self._watched = deadline

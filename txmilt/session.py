@@ -379,6 +379,12 @@ class _Session:
         """Move the stage for ``command`` (TRANSITIONS); the events it stands for (an implicit abort first)."""
         stage = self.stage
         kind = type(command)
+        target = self._transitions[stage].get(kind) if kind is not Negotiate else None
+        if target is not None:  # the common case: a command of a stage, where it may come
+            self.stage = target
+            if kind is MailFrom:
+                self._message_open = True
+            return [command]
         if stage is Stage.CLOSED:
             raise error(f"{_describe(command)} after the session closed")
         if stage is Stage.INIT and kind is not Negotiate:
@@ -574,18 +580,11 @@ class MilterSession(_Session):
             e.args = (f"{e} (in stage {stage.value})",)
             raise
         kind = type(command)
-        target = self._transitions[stage].get(kind) if kind is not Negotiate else None
-        if target is not None:  # a command of a stage, where it may come: the common case of _order
-            self.stage = target
-            events: list[MilterEvent] = [command]
-            if kind is MailFrom:
-                self._message_open = True
-        else:
-            try:
-                events = list(self._order(command, RemoteProtocolError))
-            except RemoteProtocolError:
-                self.stage = Stage.CLOSED
-                raise
+        try:
+            events: list[MilterEvent] = self._order(command, RemoteProtocolError)  # type: ignore[assignment]
+        except RemoteProtocolError:
+            self.stage = Stage.CLOSED
+            raise
         if kind is Macros:
             assert isinstance(command, Macros)
             self._store_macros(command)
