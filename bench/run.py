@@ -63,6 +63,13 @@ class Workload:
     body: int = 2048
     rcpts: int = 1
 
+    @property
+    def round_trips(self) -> float:
+        """Commands answered per message: MAIL, RCPT, DATA, headers, EOH, body chunks, EOB, and a share
+        of the connection's OPTNEG, CONNECT and HELO."""
+        chunks = -(-self.body // 65535)
+        return 4 + self.rcpts + self.headers + chunks + 3 / self.per_conn
+
     def driver_args(self) -> list[str]:
         """The driver options for this workload."""
         return [
@@ -92,13 +99,21 @@ class Target:
     expect_headers: int = 1
     unavailable: str | None = None
     workloads: tuple[Workload, ...] = SINGLE_WORKLOADS  # the single-filter workloads it runs (and W4 if all)
+    #: The header the last filter of the chain adds (checked in the end-to-end run's deliveries).
+    stamp: str = "X-Bench"
 
 
-def txmilt_command(*filters: str, reactor: str | None = None) -> list[str]:
+#: ACK modes of the synthetic workloads: ``quick`` answers every segment at once (no stall for
+#: anyone: the efficiency view), ``delayed`` leaves delayed ACKs on, as Postfix does.
+ACK_MODES = {"quick": ["--quickack"], "delayed": []}
+ACK_TITLES = {"quick": "ACK at once (--quickack)", "delayed": "delayed ACK, as Postfix"}
+
+
+def txmilt_command(*filters: str, reactor: str | None = None, options: Sequence[str] = ()) -> list[str]:
     """``twistd -n milter`` for ``filters`` with the interpreter running this script, on ``reactor`` if given."""
     command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "-n", "--pidfile="]
     command += [f"--reactor={reactor}"] if reactor else []
-    command += ["milter"]
+    command += ["milter", *options]
     for name in filters:
         command += ["--filter", f"bench.filters:{name}"]
     listen = ["--listen", "tcp:{port}:interface=127.0.0.1"]
@@ -112,17 +127,51 @@ def txmilt_env() -> dict[str, str]:
     return env
 
 
+def txmilt_options() -> str:
+    """``twistd milter --help``, to see which options this checkout has."""
+    command = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()", "milter", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, env=txmilt_env(), timeout=60)
+    return done.stdout
+
+
+def chain_config(build: Path) -> Path:
+    """A config file for the W5 chain with ``after_changes = true`` on the last filter."""
+    path = build / "chain-after-changes.toml"
+    tables = [
+        f'[[filter]]\nclass = "bench.filters:ChainFilter{n}"\n' + ("after_changes = true\n" if n == 3 else "")
+        for n in (1, 2, 3)
+    ]
+    path.write_text("\n".join(tables))
+    return path
+
+
 def peer_command(python: Path, script: str, header: str | None = None) -> list[str]:
     """The command running one peer filter script."""
     return [str(python), str(PEERS / script), "{port}", *([header] if header else [])]
 
 
-def make_targets(python: Path, unavailable: dict[str, str]) -> tuple[list[Target], list[Target]]:
-    """The single-filter targets (txmilt first) and the W5 chain targets."""
+def make_targets(
+    python: Path, c_peer: Path | None, build: Path, unavailable: dict[str, str], workers: bool
+) -> tuple[list[Target], list[Target]]:
+    """The single-filter targets (txmilt first) and the W5 chain targets.
+
+    ``workers``: whether ``twistd milter`` has ``--workers`` (then txmilt also runs with two).
+    """
     env = txmilt_env()
+    chain3 = ("ChainFilter1", "ChainFilter2", "ChainFilter3")
+    workers_target = Target(
+        "txmilt --workers 2", [txmilt_command("BenchFilter", options=["--workers", "2"])], env,
+        workloads=(W1_C32,),
+        unavailable=None if workers else "twistd milter has no --workers option in this checkout",
+    )
     singles = [
         Target("txmilt", [txmilt_command("BenchFilter")], env),
         Target("txmilt-asyncio", [txmilt_command("BenchFilter", reactor="asyncio")], env, workloads=(W1_C32,)),
+        workers_target,
+        Target(
+            "C libmilter", [[str(c_peer), "{port}"]] if c_peer else [],
+            unavailable=unavailable.get("C libmilter") if c_peer else unavailable.get("C libmilter", "not built"),
+        ),
         Target("pymilter", [peer_command(python, "pymilter_filter.py")], unavailable=unavailable.get("pymilter")),
         Target(
             "purepythonmilter", [peer_command(python, "purepythonmilter_filter.py")],
@@ -136,14 +185,26 @@ def make_targets(python: Path, unavailable: dict[str, str]) -> tuple[list[Target
     ]
     chains = [
         Target("txmilt chainx1", [txmilt_command("BenchFilter")], env),
-        Target("txmilt chainx3", [txmilt_command("ChainFilter1", "ChainFilter2", "ChainFilter3")], env, 3),
+        Target("txmilt chainx3", [txmilt_command(*chain3)], env, 3, stamp="X-Bench-3"),
+        Target(
+            "txmilt chainx3 after_changes",
+            [txmilt_command(options=["--config", str(chain_config(build))])], env, 3, stamp="X-Bench-3",
+        ),
+        Target(
+            "txmilt chainx3 sequential",
+            [txmilt_command(*chain3, options=["--chain-order", "sequential"])], env, 3, stamp="X-Bench-3",
+        ),
         Target(
             "pymilterx3 serial",
             [peer_command(python, "pymilter_filter.py", f"X-Bench-{i}") for i in (1, 2, 3)],
-            expect_headers=3, unavailable=unavailable.get("pymilter"),
+            expect_headers=3, unavailable=unavailable.get("pymilter"), stamp="X-Bench-3",
         ),
     ]
     return singles, chains
+
+
+#: The milters of the end-to-end run, by the key of the target that runs them ("" for none).
+E2E_TARGETS = ("no milter", "C libmilter", "pymilter", "txmilt", "txmilt chainx3", "txmilt --workers 2")
 
 
 # ---------------------------------------------------------------- processes
@@ -287,6 +348,22 @@ def build_driver(build: Path) -> Path:
     return binary
 
 
+def build_c_peer(build: Path) -> tuple[Path | None, str | None]:
+    """Compile the C libmilter filter (peers/c_libmilter_filter.c); the binary, or why not."""
+    reason = ensure_libmilter_dev()
+    if reason:
+        return None, reason
+    source = PEERS / "c_libmilter_filter.c"
+    binary = build / "c_libmilter_filter"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        say(f"building {binary}")
+        done = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source), "-lmilter", "-lpthread"],
+                              capture_output=True, text=True)
+        if done.returncode:
+            return None, "gcc failed: " + done.stderr.strip()[-300:]
+    return binary, None
+
+
 def ensure_libmilter_dev() -> str | None:
     """Install libmilter-dev (pymilter builds against it); the reason if that is impossible."""
     if Path("/usr/include/libmilter/mfapi.h").exists():
@@ -364,6 +441,7 @@ class Sample:
     """One measurement of one workload against one target."""
 
     workload: str
+    ack: str
     target: str
     run: int
     messages: int
@@ -373,6 +451,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     cpu_ms_per_msg: float
+    cpu_us_per_command: float
     milter_cpu_pct: float
     driver_cpu_pct: float
     other_cpu_pct: float
@@ -392,12 +471,11 @@ def run_driver(driver: Path, ports: Sequence[int], args: Sequence[str], timeout:
 
 
 def measure(
-    driver: Path, target: Target, running: Running, workload: Workload, run: int, duration: float,
-    extra: Sequence[str],
+    driver: Path, target: Target, running: Running, workload: Workload, run: int, duration: float, ack: str,
 ) -> Sample:
     """Drive ``running`` with ``workload`` for ``duration`` seconds; throughput, latency and CPU."""
     args = [*workload.driver_args(), "--duration", str(duration),
-            "--expect-headers", str(target.expect_headers), *extra]
+            "--expect-headers", str(target.expect_headers), *ACK_MODES[ack]]
     cpu0, busy0 = running.cpu_ticks(), system_busy_ticks()
     result = run_driver(driver, running.ports, args, timeout=duration + 120)
     cpu1, busy1 = running.cpu_ticks(), system_busy_ticks()
@@ -406,10 +484,11 @@ def measure(
     driver_ticks = result["driver_cpu_s"] * CLK_TCK
     other = max(0.0, busy1 - busy0 - milter_ticks - driver_ticks)
     messages = result["messages"]
+    cpu_ms = 1000.0 * milter_ticks / CLK_TCK / messages if messages else 0.0
     return Sample(
-        workload=workload.key, target=target.key, run=run, messages=messages, errors=result["errors"],
+        workload=workload.key, ack=ack, target=target.key, run=run, messages=messages, errors=result["errors"],
         elapsed_s=elapsed, msg_per_s=result["msg_per_s"], p50_ms=result["p50_ms"], p99_ms=result["p99_ms"],
-        cpu_ms_per_msg=1000.0 * milter_ticks / CLK_TCK / messages if messages else 0.0,
+        cpu_ms_per_msg=cpu_ms, cpu_us_per_command=1000.0 * cpu_ms / workload.round_trips,
         milter_cpu_pct=100.0 * milter_ticks / CLK_TCK / elapsed,
         driver_cpu_pct=result["driver_cpu_pct"],
         other_cpu_pct=100.0 * other / CLK_TCK / elapsed,
@@ -469,6 +548,77 @@ def measure_idle(driver: Path, target: Target, logs: Path, connections: int, run
         running.stop()
 
 
+@dataclass
+class E2EFigures:
+    """What one end-to-end setting measures: one sample, or the medians of several."""
+
+    target: str
+    sessions: int
+    ms_per_msg: float
+    msg_per_s: float
+    milter_cpu_ms_per_msg: float | None
+    milter_cpu_pct: float
+    rest_cpu_pct: float
+    errors: int
+
+
+@dataclass
+class E2ESample(E2EFigures):
+    """One end-to-end measurement: smtp-source through Postfix, with one milter (or none)."""
+
+    run: int = 0
+    messages: int = 0
+    seconds: float = 0.0
+    complaint: str = ""
+
+
+def measure_e2e(
+    rig: Any, target: str, running: Running | None, stamp: str, run: int, sessions: int, messages: int
+) -> E2ESample:
+    """Send ``messages`` over ``sessions`` SMTP sessions through Postfix; check every delivery."""
+    rig.idle()
+    cpu0, busy0 = (running.cpu_ticks() if running else 0), system_busy_ticks()
+    seconds, status, complaint = rig.source(sessions, messages)
+    cpu1, busy1 = (running.cpu_ticks() if running else 0), system_busy_ticks()
+    delivered, stamped = rig.collect(messages if status == 0 else None, stamp if running else None)
+    milter_ticks = cpu1 - cpu0
+    errors = messages - min(delivered, stamped)
+    if status and not complaint:
+        complaint = f"smtp-source exited with status {status}"
+    return E2ESample(
+        target=target, run=run, sessions=sessions, messages=messages, seconds=seconds,
+        ms_per_msg=1000.0 * seconds / messages, msg_per_s=messages / seconds if seconds else 0.0,
+        milter_cpu_ms_per_msg=1000.0 * milter_ticks / CLK_TCK / messages if running else None,
+        milter_cpu_pct=100.0 * milter_ticks / CLK_TCK / seconds if seconds else 0.0,
+        rest_cpu_pct=100.0 * max(0, busy1 - busy0 - milter_ticks) / CLK_TCK / seconds if seconds else 0.0,
+        errors=errors, complaint=complaint if errors or status else "",
+    )
+
+
+@dataclass
+class E2ESummary(E2EFigures):
+    """Medians over the runs of one end-to-end setting (errors summed)."""
+
+    runs: int = 0
+
+
+def summarise_e2e(samples: Sequence[E2ESample]) -> list[E2ESummary]:
+    """Medians per (target, sessions), in the order first measured."""
+    groups: dict[tuple[str, int], list[E2ESample]] = defaultdict(list)
+    for sample in samples:
+        groups[sample.target, sample.sessions].append(sample)
+    out = []
+    for (target, sessions), group in groups.items():
+        cpu = [s.milter_cpu_ms_per_msg for s in group if s.milter_cpu_ms_per_msg is not None]
+        out.append(E2ESummary(
+            target=target, sessions=sessions, runs=len(group), ms_per_msg=median([s.ms_per_msg for s in group]),
+            msg_per_s=median([s.msg_per_s for s in group]), milter_cpu_ms_per_msg=median(cpu) if cpu else None,
+            milter_cpu_pct=median([s.milter_cpu_pct for s in group]),
+            rest_cpu_pct=median([s.rest_cpu_pct for s in group]), errors=sum(s.errors for s in group),
+        ))
+    return out
+
+
 # ---------------------------------------------------------------- reporting
 
 
@@ -482,12 +632,14 @@ class Summary:
     """Medians over the runs of one workload and target."""
 
     workload: str
+    ack: str
     target: str
     runs: int
     msg_per_s: float
     p50_ms: float
     p99_ms: float
     cpu_ms_per_msg: float
+    cpu_us_per_command: float
     milter_cpu_pct: float
     driver_cpu_pct: float
     other_cpu_pct: float
@@ -496,16 +648,17 @@ class Summary:
 
 
 def summarise(samples: Sequence[Sample]) -> list[Summary]:
-    """Medians per (workload, target), in the order first measured."""
-    groups: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+    """Medians per (workload, ACK mode, target), in the order first measured."""
+    groups: dict[tuple[str, str, str], list[Sample]] = defaultdict(list)
     for sample in samples:
-        groups[sample.workload, sample.target].append(sample)
+        groups[sample.workload, sample.ack, sample.target].append(sample)
     out = []
-    for (workload, target), group in groups.items():
+    for (workload, ack, target), group in groups.items():
         out.append(Summary(
-            workload=workload, target=target, runs=len(group),
+            workload=workload, ack=ack, target=target, runs=len(group),
             msg_per_s=median([s.msg_per_s for s in group]), p50_ms=median([s.p50_ms for s in group]),
             p99_ms=median([s.p99_ms for s in group]), cpu_ms_per_msg=median([s.cpu_ms_per_msg for s in group]),
+            cpu_us_per_command=median([s.cpu_us_per_command for s in group]),
             milter_cpu_pct=median([s.milter_cpu_pct for s in group]),
             driver_cpu_pct=median([s.driver_cpu_pct for s in group]),
             other_cpu_pct=median([s.other_cpu_pct for s in group]),
@@ -552,32 +705,68 @@ class Check:
 
 
 def report(
-    summaries: Sequence[Summary], idle: Sequence[IdleResult], unavailable: dict[str, str],
-    out: TextIO, runs: int, duration: float, quickack: bool,
+    summaries: Sequence[Summary], e2e: Sequence[E2ESummary], idle: Sequence[IdleResult],
+    unavailable: dict[str, str], out: TextIO, runs: int, duration: float, hot_path: dict[str, float],
 ) -> tuple[dict[str, float | None], list[Check]]:
     """Print the tables, ratios and targets; the ratios and checks for the JSON file."""
-    by_key = {(s.workload, s.target): s for s in summaries}
+    by_key = {(s.workload, s.ack, s.target): s for s in summaries}
+    e2e_by_key = {(s.target, s.sessions): s for s in e2e}
 
-    def value(workload: str, target: str, attribute: str = "msg_per_s") -> float | None:
-        summary = by_key.get((workload, target))
-        if summary is None or (summary.msg_per_s == 0 and attribute == "msg_per_s"):
+    def value(workload: str, target: str, attribute: str = "msg_per_s", ack: str = "quick") -> float | None:
+        summary = by_key.get((workload, ack, target))
+        if summary is None or summary.msg_per_s == 0:
             return None
         result: float = getattr(summary, attribute)
         return result
 
-    print(f"\nThroughput and latency (median of {runs} run(s) of {duration:g} s each)\n", file=out)
-    header = (f"{'workload':<9} {'milter':<19} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/msg':>10}"
-              f" {'milter CPU%':>11} {'drv CPU%':>8} {'other CPU%':>10} {'errors':>6}")
-    print(header, file=out)
-    print("-" * len(header), file=out)
-    previous = ""
-    for s in summaries:
-        if previous and s.workload != previous:
-            print(file=out)
-        previous = s.workload
-        print(f"{s.workload:<9} {s.target:<19} {s.msg_per_s:>8.1f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f}"
-              f" {s.cpu_ms_per_msg:>10.3f} {s.milter_cpu_pct:>11.0f} {s.driver_cpu_pct:>8.0f}"
-              f" {s.other_cpu_pct:>10.0f} {s.errors:>6}", file=out)
+    def e2e_value(target: str, sessions: int, attribute: str) -> float | None:
+        summary = e2e_by_key.get((target, sessions))
+        if summary is None or summary.errors or not summary.msg_per_s:
+            return None
+        result: float | None = getattr(summary, attribute)
+        return result
+
+    if e2e:
+        single = {s.sessions for s in e2e}
+        print(f"\nEnd to end: smtp-source -> Postfix {E2E_POSTFIX_VERSION[0]} -> smtp-sink, smtpd_milters = the milter"
+              f" (median of {runs} run(s); W1 message, one per SMTP session)\n", file=out)
+        header = (f"{'milter':<19} {'ms/msg @1':>9} {'added ms':>8} {'msg/s @16':>9} {'milter CPU ms/msg @16':>21}"
+                  f" {'milter CPU% @16':>15} {'rest CPU% @16':>13} {'errors':>6}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        base = e2e_value("no milter", 1, "ms_per_msg")
+        for target in E2E_TARGETS:
+            one, many = e2e_by_key.get((target, 1)), e2e_by_key.get((target, 16))
+            if one is None and many is None:
+                continue
+            added = "" if one is None or base is None or target == "no milter" else f"{one.ms_per_msg - base:+.1f}"
+            cpu = "-" if many is None or many.milter_cpu_ms_per_msg is None else f"{many.milter_cpu_ms_per_msg:.2f}"
+            print(f"{target:<19} {one.ms_per_msg if one else 0:>9.1f} {added:>8} {many.msg_per_s if many else 0:>9.0f}"
+                  f" {cpu:>21} {many.milter_cpu_pct if many else 0:>15.0f} {many.rest_cpu_pct if many else 0:>13.0f}"
+                  f" {(one.errors if one else 0) + (many.errors if many else 0):>6}", file=out)
+        del single
+
+    for ack in ACK_MODES:
+        rows = [s for s in summaries if s.ack == ack]
+        if not rows:
+            continue
+        print(f"\nSynthetic MTA (bench/driver.c), {ACK_TITLES[ack]}: median of {runs} run(s) of {duration:g} s\n",
+              file=out)
+        header = (f"{'workload':<9} {'milter':<28} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'CPU ms/msg':>10}"
+                  f" {'us/cmd':>7} {'milter CPU%':>11} {'drv CPU%':>8} {'other CPU%':>10} {'errors':>6}")
+        print(header, file=out)
+        print("-" * len(header), file=out)
+        previous = ""
+        for s in rows:
+            if previous and s.workload != previous:
+                print(file=out)
+            previous = s.workload
+            print(f"{s.workload:<9} {s.target:<28} {s.msg_per_s:>8.1f} {s.p50_ms:>8.2f} {s.p99_ms:>8.2f}"
+                  f" {s.cpu_ms_per_msg:>10.3f} {s.cpu_us_per_command:>7.1f} {s.milter_cpu_pct:>11.0f}"
+                  f" {s.driver_cpu_pct:>8.0f} {s.other_cpu_pct:>10.0f} {s.errors:>6}", file=out)
+    if hot_path:
+        print("\ntxmilt's own work per command, in process (bench/hotpath.py: no sockets, no reactor):"
+              + "".join(f"  {name} {micros:.1f} us" for name, micros in hot_path.items()), file=out)
     if idle:
         w4_runs = max(i.run for i in idle) + 1
         print(f"\nW4: idle connections (OPTNEG + CONNECT + HELO, then held; {w4_runs} run(s) each)\n", file=out)
@@ -590,69 +779,93 @@ def report(
                   f" {i.rss_before_kb / 1024:>8.1f} MB {i.rss_after_kb / 1024:>7.1f} MB {i.kb_per_conn:>8.2f}"
                   f" {i.threads_after:>8} {i.errors:>6}", file=out)
     if unavailable:
-        print("\nUnavailable peers", file=out)
+        print("\nNot measured", file=out)
         for name, reason in unavailable.items():
-            print(f"  {name}: unavailable: {reason}", file=out)
+            print(f"  {name}: {reason}", file=out)
 
     idle_txmilt = [i for i in idle if i.target == "txmilt" and i.held]
     rss_per_conn = median([i.kb_per_conn for i in idle_txmilt]) if idle_txmilt else None
     held = min((i.held for i in idle_txmilt), default=0)
+    base_ms = e2e_value("no milter", 1, "ms_per_msg")
+    txmilt_ms = e2e_value("txmilt", 1, "ms_per_msg")
     ratios: dict[str, float | None] = {
         "W1 c=32 txmilt/pymilter msg/s": ratio(value("W1 c=32", "txmilt"), value("W1 c=32", "pymilter")),
+        "W1 c=32 txmilt/pymilter CPU ms/msg": ratio(
+            value("W1 c=32", "txmilt", "cpu_ms_per_msg"), value("W1 c=32", "pymilter", "cpu_ms_per_msg")),
+        "W1 c=32 workers2/pymilter msg/s": ratio(
+            value("W1 c=32", "txmilt --workers 2"), value("W1 c=32", "pymilter")),
         "W1 c=32 asyncio/default reactor msg/s": ratio(value("W1 c=32", "txmilt-asyncio"), value("W1 c=32", "txmilt")),
+        "W1 c=1 txmilt/pymilter p50": ratio(value("W1 c=1", "txmilt", "p50_ms"), value("W1 c=1", "pymilter", "p50_ms")),
         "W2 txmilt/pymilter msg/s": ratio(value("W2", "txmilt"), value("W2", "pymilter")),
         "W3 txmilt/pymilter msg/s": ratio(value("W3", "txmilt"), value("W3", "pymilter")),
         "W5 chain3/chain1 msg/s": ratio(value("W5", "txmilt chainx3"), value("W5", "txmilt chainx1")),
+        "W5 after_changes/chain1 msg/s": ratio(
+            value("W5", "txmilt chainx3 after_changes"), value("W5", "txmilt chainx1")),
+        "W5 sequential/chain1 msg/s": ratio(value("W5", "txmilt chainx3 sequential"), value("W5", "txmilt chainx1")),
         "W5 chain3/pymilterx3 msg/s": ratio(value("W5", "txmilt chainx3"), value("W5", "pymilterx3 serial")),
         "W1 c=32 txmilt CPU ms/msg": value("W1 c=32", "txmilt", "cpu_ms_per_msg"),
         "W1 c=32 pymilter CPU ms/msg": value("W1 c=32", "pymilter", "cpu_ms_per_msg"),
+        "W1 c=32 txmilt us per command": value("W1 c=32", "txmilt", "cpu_us_per_command"),
+        "E2E txmilt added ms per message, 1 session": None if base_ms is None or txmilt_ms is None
+        else txmilt_ms - base_ms,
+        "E2E txmilt milter CPU ms/msg, 16 sessions": e2e_value("txmilt", 16, "milter_cpu_ms_per_msg"),
+        "E2E pymilter milter CPU ms/msg, 16 sessions": e2e_value("pymilter", 16, "milter_cpu_ms_per_msg"),
+        "E2E txmilt/pymilter milter CPU per message, 16 sessions": ratio(
+            e2e_value("txmilt", 16, "milter_cpu_ms_per_msg"), e2e_value("pymilter", 16, "milter_cpu_ms_per_msg")),
+        "E2E workers2/C libmilter msg/s, 16 sessions": ratio(
+            e2e_value("txmilt --workers 2", 16, "msg_per_s"), e2e_value("C libmilter", 16, "msg_per_s")),
         "W4 txmilt kB RSS per idle connection": rss_per_conn,
     }
-    print("\nRatios", file=out)
-    print(f"  txmilt / pymilter msg/s:   W1 c=32 {fmt_ratio(ratios['W1 c=32 txmilt/pymilter msg/s'])}"
-          f"   W2 {fmt_ratio(ratios['W2 txmilt/pymilter msg/s'])}"
-          f"   W3 {fmt_ratio(ratios['W3 txmilt/pymilter msg/s'])}", file=out)
-    print(f"  txmilt on the asyncio reactor / default reactor msg/s at W1 c=32:"
-          f" {fmt_ratio(ratios['W1 c=32 asyncio/default reactor msg/s'])}", file=out)
-    print(f"  W5 msg/s:                  chainx3 / chainx1 {fmt_ratio(ratios['W5 chain3/chain1 msg/s'])}"
-          f"   chainx3 / pymilterx3 {fmt_ratio(ratios['W5 chain3/pymilterx3 msg/s'])}", file=out)
-    cpu_t, cpu_p = ratios["W1 c=32 txmilt CPU ms/msg"], ratios["W1 c=32 pymilter CPU ms/msg"]
-    print(f"  CPU per message at W1 c=32: txmilt {'n/a' if cpu_t is None else f'{cpu_t:.3f} ms'}"
-          f"   pymilter {'n/a' if cpu_p is None else f'{cpu_p:.3f} ms'}", file=out)
-    print(f"  W4 RSS per idle connection: txmilt {'n/a' if rss_per_conn is None else f'{rss_per_conn:.2f} kB'}"
-          f" with {held} held", file=out)
+    print("\nRatios and figures (synthetic ones: ACK at once)", file=out)
+    for name, number in ratios.items():
+        unit = "" if name in FIGURES else "x"
+        shown = "n/a" if number is None else f"{number:.2f}{unit}"
+        print(f"  {name:<58} {shown}", file=out)
 
     checks = [
-        Check("W1 c=32 txmilt msg/s vs pymilter", ratios["W1 c=32 txmilt/pymilter msg/s"], 1.2, "x"),
-        Check("W1 c=32 txmilt CPU per message", cpu_t, 0.6, " ms", at_most=True),
-        Check("W1 c=32 txmilt asyncio reactor vs default", ratios["W1 c=32 asyncio/default reactor msg/s"], 0.9, "x"),
-        Check("W2 txmilt msg/s vs pymilter", ratios["W2 txmilt/pymilter msg/s"], 0.9, "x"),
-        Check("W3 txmilt msg/s vs pymilter", ratios["W3 txmilt/pymilter msg/s"], 1.0, "x"),
+        Check("E2E 1 session: txmilt ms added per message", ratios["E2E txmilt added ms per message, 1 session"],
+              2.0, " ms", at_most=True),
+        Check("E2E 16 sessions: txmilt/pymilter milter CPU per msg",
+              ratios["E2E txmilt/pymilter milter CPU per message, 16 sessions"], 1.0, "x", at_most=True),
+        Check("E2E 16 sessions: --workers 2/C libmilter msg/s", ratios["E2E workers2/C libmilter msg/s, 16 sessions"],
+              1.0, "x"),
+        Check("W1 c=32 txmilt/pymilter CPU per message", ratios["W1 c=32 txmilt/pymilter CPU ms/msg"], 1.0, "x",
+              at_most=True),
+        Check("W2 txmilt/pymilter msg/s", ratios["W2 txmilt/pymilter msg/s"], 0.6, "x"),
+        Check("W1 c=1 txmilt/pymilter p50", ratios["W1 c=1 txmilt/pymilter p50"], 1.5, "x", at_most=True),
+        Check("W1 c=32 --workers 2/pymilter msg/s", ratios["W1 c=32 workers2/pymilter msg/s"], 1.2, "x"),
         Check(f"W4 txmilt RSS per idle connection ({held} held)",
               rss_per_conn if held >= IDLE_CONNECTIONS else None, 4.0, " kB", at_most=True),
-        Check("W5 chainx3 msg/s vs chainx1", ratios["W5 chain3/chain1 msg/s"], 0.8, "x"),
-        Check("W5 chainx3 msg/s vs pymilterx3", ratios["W5 chain3/pymilterx3 msg/s"], 2.0, "x"),
+        Check("W5 concurrent chainx3/chainx1 msg/s", ratios["W5 chain3/chain1 msg/s"], 0.8, "x"),
     ]
-    print("\nTargets", file=out)
+    print("\nTargets (issue 12; synthetic ones with ACK at once)", file=out)
     for check in checks:
         print(check.line(), file=out)
     if held and held < IDLE_CONNECTIONS:
         print(f"  (W4: only {held} of {IDLE_CONNECTIONS} idle connections were held; the W4 goal needs"
               f" {IDLE_CONNECTIONS})", file=out)
-    notes = []
-    if not quickack:
-        notes.append("pymilter and python-libmilter write ADDHEADER and CONTINUE in two writes without TCP_NODELAY;"
-                     " with delayed ACKs on (as in Postfix) each message waits ~40 ms for an ACK, which bounds"
-                     " their msg/s. --quickack takes that stall out (see bench/README.md).")
-    busiest = max((s.other_cpu_pct for s in summaries), default=0.0)
+    notes = ["With delayed ACKs (as Postfix), libmilter-based milters write ADDHEADER and the final CONTINUE in two"
+             " writes without TCP_NODELAY, and each message waits ~40 ms for the MTA's ACK; txmilt writes them in"
+             " one segment (see bench/README.md)."]
+    busiest = max([s.other_cpu_pct for s in summaries], default=0.0)
     if busiest > 25:
-        notes.append(f"Other work used up to {busiest:.0f}% of a core during the measurements"
+        notes.append(f"Other work used up to {busiest:.0f}% of a core during the synthetic measurements"
                      f" ({NCPU} cores here): absolute numbers are noisy.")
-    if notes:
-        print("\nNotes", file=out)
-        for note in notes:
-            print(f"  - {note}", file=out)
+    print("\nNotes", file=out)
+    for note in notes:
+        print(f"  - {note}", file=out)
     return ratios, checks
+
+
+#: Entries of the ratios table that are figures (ms, µs, kB), not ratios.
+FIGURES = frozenset({
+    "W1 c=32 txmilt CPU ms/msg", "W1 c=32 pymilter CPU ms/msg", "W1 c=32 txmilt us per command",
+    "E2E txmilt added ms per message, 1 session", "E2E txmilt milter CPU ms/msg, 16 sessions",
+    "E2E pymilter milter CPU ms/msg, 16 sessions", "W4 txmilt kB RSS per idle connection",
+})
+
+#: The Postfix version of the end-to-end run, once known.
+E2E_POSTFIX_VERSION = ["?"]
 
 
 # ---------------------------------------------------------------- profiling
@@ -764,35 +977,74 @@ def profile(driver: Path, build: Path, python: Path, seconds: float, extra: Sequ
 
 
 def interleaved(
-    runs: int, singles: Sequence[Target], chains: Sequence[Target]
-) -> Iterator[tuple[int, Workload, Target]]:
-    """Run r of every workload against every target, then run r + 1: noise hits every milter alike."""
+    runs: int, acks: Sequence[str], singles: Sequence[Target], chains: Sequence[Target]
+) -> Iterator[tuple[int, str, Workload, Target]]:
+    """Run r of every workload against every target in each ACK mode, then run r + 1: noise hits all alike."""
     for run in range(runs):
-        for workload in SINGLE_WORKLOADS:
-            for target in singles:
-                if workload in target.workloads:
-                    yield run, workload, target
-        for target in chains:
-            yield run, W5, target
+        for ack in acks:
+            for workload in SINGLE_WORKLOADS:
+                for target in singles:
+                    if workload in target.workloads:
+                        yield run, ack, workload, target
+            for target in chains:
+                yield run, ack, W5, target
+
+
+def hot_path_figures(seconds: float) -> dict[str, float]:
+    """µs of txmilt's own CPU per answered command, in process (bench/hotpath.py), W1 and W2."""
+    done = subprocess.run([sys.executable, str(BENCH / "hotpath.py"), "--seconds", str(seconds), "--per-command"],
+                          capture_output=True, text=True, env=txmilt_env(), timeout=600)
+    figures = {}
+    for line in done.stdout.splitlines():
+        name, _, rest = line.partition(":")
+        if rest.strip():
+            figures[name.strip()] = float(rest.split()[0])
+    return figures
+
+
+def run_e2e(
+    rig: Any, running: dict[str, Running], keys: Sequence[str], stamps: dict[str, str], runs: int, quick: bool,
+    samples: list[E2ESample],
+) -> None:
+    """The end-to-end workload: each milter in turn behind Postfix, 1 and 16 SMTP sessions, interleaved runs.
+
+    The measurements are appended to ``samples`` as they are made.
+    """
+    single, parallel = (30, 320) if quick else (100, 800)
+    for run in range(runs):
+        for key in keys:
+            instance = running.get(key)
+            if key != "no milter" and (instance is None or instance.dead()):
+                continue
+            rig.use(instance.ports if instance else [])
+            rig.send(16, 32, None)  # warm up Postfix's new smtpd processes and the milter
+            for sessions, messages in ((1, single), (16, parallel)):
+                say(f"[e2e] run {run + 1}: {key}, {sessions} session(s), {messages} messages")
+                sample = measure_e2e(rig, key, instance, stamps.get(key, "X-Bench"), run, sessions, messages)
+                if sample.errors:
+                    say(f"    {sample.errors} messages lost or unstamped: {sample.complaint}")
+                samples.append(sample)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="one short run of everything (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one short run of everything")
     parser.add_argument("--runs", type=int, help="runs per measurement, medians reported (default 3, quick 1)")
-    parser.add_argument("--duration", type=float, help="seconds per measurement (default 6, quick 2)")
+    parser.add_argument("--duration", type=float, help="seconds per synthetic measurement (default 5, quick 2)")
     parser.add_argument("--idle-connections", type=int, default=IDLE_CONNECTIONS, help="W4 connections")
     parser.add_argument("--w4-runs", type=int, default=1, help="W4 repetitions per milter (default 1)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="milters to run (txmilt is always run)")
     parser.add_argument("--skip-w4", action="store_true", help="leave out the idle-connection workload")
-    parser.add_argument("--quickack", action="store_true",
-                        help="driver acknowledges every read at once (removes the Nagle/delayed-ACK stall)")
+    parser.add_argument("--skip-e2e", action="store_true", help="leave out the real-Postfix workload")
+    parser.add_argument("--ack", choices=("both", *ACK_MODES), default="both",
+                        help="synthetic ACK modes: quick (--quickack), delayed (as Postfix) or both (default)")
+    parser.add_argument("--quickack", action="store_true", help="the same as --ack quick")
     parser.add_argument("--profile", action="store_true", help="only profile txmilt at W1 c=32 with py-spy")
     parser.add_argument("--build-dir", type=Path, default=DEFAULT_BUILD, help=f"default {DEFAULT_BUILD}")
     options = parser.parse_args(argv)
     runs = options.runs or (1 if options.quick else 3)
-    duration = options.duration or (2.0 if options.quick else 6.0)
-    extra = ["--quickack"] if options.quickack else []
+    duration = options.duration or (2.0 if options.quick else 5.0)
+    acks = ["quick"] if options.quickack else list(ACK_MODES) if options.ack == "both" else [options.ack]
     started = time.monotonic()
 
     build: Path = options.build_dir
@@ -803,19 +1055,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     driver = build_driver(build)
     python, unavailable, versions = ensure_venv(build, with_profiler=options.profile)
     if options.profile:
-        return profile(driver, build, python, 10.0 if options.quick else 20.0, extra)
+        return profile(driver, build, python, 10.0 if options.quick else 20.0, ACK_MODES[acks[0]])
 
-    singles, chains = make_targets(python, unavailable)
+    c_peer, reason = build_c_peer(build)
+    if reason:
+        unavailable["C libmilter"] = reason
+    workers = "--workers" in txmilt_options()
+    singles, chains = make_targets(python, c_peer, build, unavailable, workers)
     if options.only:
-        keep = {"txmilt", "txmilt-asyncio", *options.only}
+        keep = {"txmilt", "txmilt-asyncio", "txmilt --workers 2", *options.only}
         singles = [t for t in singles if t.key in keep]
         chains = [t for t in chains if "txmilt" in t.key or "pymilter" in keep]
     for target in (*singles, *chains):
         if target.unavailable:
             unavailable.setdefault(target.key, target.unavailable)
+    e2e_reason = None
+    if not options.skip_e2e:
+        import e2e
+
+        e2e_reason = e2e.unavailable()
+        if e2e_reason:
+            unavailable["end-to-end workload"] = e2e_reason
 
     running: dict[str, Running] = {}
     samples: list[Sample] = []
+    e2e_samples: list[E2ESample] = []
+    hot_path: dict[str, float] = {}
     try:
         for target in (*singles, *chains):
             if target.unavailable:
@@ -827,29 +1092,47 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"starting {target.key}")
             try:
                 running[target.key] = Running(target, logs)
-                warm_up(driver, running[target.key], 1.0 if options.quick else 3.0, extra)
+                warm_up(driver, running[target.key], 1.0 if options.quick else 3.0, ACK_MODES["quick"])
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 unavailable[target.key] = str(e)
                 running.pop(target.key, None)
-        plan = [(r, w, t) for r, w, t in interleaved(runs, singles, chains) if t.key in running]
-        for number, (run, workload, target) in enumerate(plan, 1):
+        plan = [(r, a, w, t) for r, a, w, t in interleaved(runs, acks, singles, chains) if t.key in running]
+        for number, (run, ack, workload, target) in enumerate(plan, 1):
             instance = running[target.key]
             reason = instance.dead()
             if reason:
                 unavailable.setdefault(target.key, reason)
                 continue
-            say(f"[{number}/{len(plan)}] run {run + 1}: {workload.key} {target.key}")
+            say(f"[{number}/{len(plan)}] run {run + 1}, {ack} ACK: {workload.key} {target.key}")
             try:
-                sample = measure(driver, target, instance, workload, run, duration, extra)
+                sample = measure(driver, target, instance, workload, run, duration, ack)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 unavailable.setdefault(target.key, f"{workload.key}: {e}")
                 continue
             if sample.errors:
                 say(f"    {sample.errors} errors, e.g. {sample.error_samples[:2]}")
             samples.append(sample)
+        if not options.skip_e2e and not e2e_reason:
+            import e2e
+
+            say("starting Postfix and smtp-sink for the end-to-end workload")
+            try:
+                rig = e2e.PostfixRig(build / "e2e")
+                try:
+                    E2E_POSTFIX_VERSION[0] = rig.version
+                    stamps = {t.key: t.stamp for t in (*singles, *chains)}
+                    run_e2e(rig, running, E2E_TARGETS, stamps, runs, options.quick, e2e_samples)
+                finally:
+                    rig.stop()
+            except Exception as e:  # the synthetic results are still worth reporting
+                say(f"end-to-end workload failed: {e!r}")
+                unavailable["end-to-end workload"] = f"failed after {len(e2e_samples)} measurements: {e!r}"
     finally:
         for instance in {id(r): r for r in running.values()}.values():
             instance.stop()
+
+    say("timing txmilt's hot path in process (bench/hotpath.py)")
+    hot_path = hot_path_figures(2.0 if options.quick else 5.0)
 
     idle: list[IdleResult] = []
     if not options.skip_w4:
@@ -866,23 +1149,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"    W4 failed on {target.key}: {e}")
 
     summaries = summarise(samples)
-    ratios, checks = report(summaries, idle, unavailable, sys.stdout, runs, duration, options.quickack)
+    e2e_summaries = summarise_e2e(e2e_samples)
+    ratios, checks = report(summaries, e2e_summaries, idle, unavailable, sys.stdout, runs, duration, hot_path)
     wall = time.monotonic() - started
-    print(f"\nwall time {wall / 60:.1f} min; results in {(RESULTS / 'latest.json').relative_to(ROOT)}")
+    command = "python3 bench/run.py" + ("" if argv is None and len(sys.argv) < 2 else " " + " ".join(
+        sys.argv[1:] if argv is None else argv))
+    print(f"\n{command}: wall time {wall / 60:.1f} min; results in {(RESULTS / 'latest.json').relative_to(ROOT)}")
     document = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "options": {"runs": runs, "duration_s": duration, "quick": options.quick, "quickack": options.quickack,
-                    "idle_connections": options.idle_connections},
+        "command": command,
+        "options": {"runs": runs, "duration_s": duration, "quick": options.quick, "acks": acks,
+                    "idle_connections": options.idle_connections, "e2e": not options.skip_e2e},
         "machine": {"python": platform.python_version(), "kernel": platform.release(), "cpus": NCPU,
-                    "fd_limit": fd_limit, "peer_versions": versions},
-        "workloads": {w.key: asdict(w) for w in (*SINGLE_WORKLOADS, W5)},
+                    "fd_limit": fd_limit, "peer_versions": versions, "postfix": E2E_POSTFIX_VERSION[0]},
+        "workloads": {w.key: {**asdict(w), "round_trips": w.round_trips} for w in (*SINGLE_WORKLOADS, W5)},
         "summary": [asdict(s) for s in summaries],
+        "e2e": [asdict(s) for s in e2e_summaries],
+        "hot_path_us_per_command": hot_path,
         "idle": [asdict(i) for i in idle],
         "ratios": ratios,
         "targets": [{"name": c.name, "value": c.value, "goal": c.goal, "at_most": c.at_most, "met": c.met}
                     for c in checks],
         "unavailable": unavailable,
         "samples": [asdict(s) for s in samples],
+        "e2e_samples": [asdict(s) for s in e2e_samples],
         "wall_time_s": wall,
     }
     (RESULTS / "latest.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
+from unittest import SkipTest
 
+from twisted.internet import tcp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
@@ -23,12 +26,15 @@ from txmilt.messages import (
     ChangeHeader,
     Continue,
     EndOfHeaders,
+    EndOfMessage,
     Header,
     Helo,
+    Macros,
     MailFrom,
     Negotiate,
     Progress,
     ProtocolFlag,
+    RcptTo,
     Reject,
     TempFail,
 )
@@ -136,6 +142,164 @@ class Garbage(Failing):
 def fake(filters: list[Any], clock: Clock | None = None, **options: Any) -> tuple[MilterFactory, Clock]:
     clock = Clock() if clock is None else clock
     return MilterFactory(filters, clock, **options), clock
+
+
+class FakeSocket:
+    """A connected socket that takes at most ``room`` bytes per send() and records socket options."""
+
+    def __init__(self, room: int | None = None, error: OSError | None = None) -> None:
+        self.room = room
+        self.error = error
+        self.sent: list[bytes] = []
+        self.options: list[tuple[int, int, int]] = []
+
+    def send(self, data: bytes) -> int:
+        if self.error is not None:
+            raise self.error
+        taken = bytes(data if self.room is None else data[: self.room])
+        self.sent.append(taken)
+        return len(taken)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        self.options.append((level, option, value))
+
+
+class FakeConnection(tcp.Connection):
+    """A Twisted TCP connection over a FakeSocket: what MilterProtocol sends straight to the socket, and what
+    it leaves to the transport's own write path (``written``)."""
+
+    def __init__(self, sock: FakeSocket, queued: bytes = b"", tls: bool = False) -> None:
+        self.socket = sock  # type: ignore[assignment]
+        self.dataBuffer = queued
+        self._tempDataBuffer: list[bytes] = []
+        self.TLS = tls
+        self.written: list[bytes] = []
+        self.disconnecting = False
+        self.connected = True
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 - Twisted's name
+        pass
+
+    def loseConnection(self, reason: object = None) -> None:  # noqa: N802
+        self.disconnecting = True
+
+    def getPeer(self) -> IPv4Address:  # noqa: N802 - Twisted's name
+        return IPv4Address("TCP", "127.0.0.1", 40000)
+
+
+class DirectSendTests(SynchronousTestCase):
+    """Replies go straight to an idle TCP socket; what the kernel does not take goes to the transport once."""
+
+    def connect(self, transport: FakeConnection) -> tuple[MilterProtocol, bytes]:
+        """A protocol on ``transport``, negotiated and connected; the CONTINUE packet it owes next."""
+        factory, _ = fake([Editor])
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert isinstance(protocol, MilterProtocol)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(encode(Negotiate(6, Action(0x1FF), ProtocolFlag(0x1FFFFF))))
+        return protocol, encode(Continue())
+
+    def test_idle_socket_gets_the_reply_in_one_send(self) -> None:
+        """With nothing queued, the reply is one send() and the transport writes nothing."""
+        sock = FakeSocket()
+        protocol, _ = self.connect(FakeConnection(sock))
+        sent_before = len(sock.sent)
+        protocol.dataReceived(encode(Helo("client.example.com")))
+        self.assertEqual(sock.sent[sent_before:], [encode(Continue())])
+        self.assertEqual(protocol.transport.written, [])  # type: ignore[union-attr]
+
+    def test_partial_send_leaves_the_rest_to_the_transport_once(self) -> None:
+        """When send() takes part of a reply, exactly the rest goes to transport.write, once."""
+        sock = FakeSocket()
+        transport = FakeConnection(sock)
+        protocol, _ = self.connect(transport)
+        for command in (Helo("h"), MailFrom("<a@example.com>"), RcptTo("<b@example.net>"), Header("Subject", "s")):
+            protocol.dataReceived(encode(command))
+        sock.room = 7
+        sent_before = len(sock.sent)
+        protocol.dataReceived(encode(EndOfMessage()))
+        reply = b"".join(encode(r) for r in (
+            AddHeader("X-One", "1"), AddHeader("X-Two", "2"), ChangeHeader(1, "Subject", "edited"), Continue()))
+        self.assertEqual(sock.sent[sent_before:], [reply[:7]])
+        self.assertEqual(transport.written, [reply[7:]])
+        self.assertEqual(b"".join(sock.sent[sent_before:] + transport.written), reply)
+
+    def test_send_error_leaves_everything_to_the_transport(self) -> None:
+        """EAGAIN (or any socket error) on send(): the whole reply goes to transport.write."""
+        sock = FakeSocket()
+        transport = FakeConnection(sock)
+        protocol, continue_packet = self.connect(transport)
+        sock.error = BlockingIOError(11, "EAGAIN")
+        protocol.dataReceived(encode(Helo("h")))
+        self.assertEqual(transport.written, [continue_packet])
+
+    def test_queued_data_keeps_its_place(self) -> None:
+        """While the transport holds unsent bytes, replies queue behind them instead of overtaking them."""
+        sock = FakeSocket()
+        transport = FakeConnection(sock)
+        protocol, continue_packet = self.connect(transport)
+        sent_before = len(sock.sent)
+        transport.dataBuffer = b"earlier"
+        protocol.dataReceived(encode(Helo("h")))
+        self.assertEqual(sock.sent[sent_before:], [])
+        self.assertEqual(transport.written, [continue_packet])
+
+    def test_tls_goes_through_the_transport(self) -> None:
+        """On a TLS connection the socket is never written to directly."""
+        sock = FakeSocket()
+        protocol, continue_packet = self.connect(FakeConnection(sock, tls=True))
+        protocol.dataReceived(encode(Helo("h")))
+        self.assertEqual(sock.sent, [])
+        self.assertEqual(protocol.transport.written[-1], continue_packet)  # type: ignore[union-attr]
+
+    def test_other_transports_go_through_write(self) -> None:
+        """A transport that is not a TCP connection (unix socket, test transport) gets every reply by write()."""
+        transport = CountingTransport()
+        mta = FakeMTA([Editor], transport=transport)
+        mta.connect()
+        self.assertEqual(b"".join(transport.writes), transport.value())
+        self.assertEqual(len(transport.writes), len(mta.replies))
+
+
+class QuickAckTests(SynchronousTestCase):
+    """A read that nothing answers is acknowledged at once (TCP_QUICKACK), so a Nagle-bound MTA goes on."""
+
+    def setUp(self) -> None:
+        if not hasattr(socket, "TCP_QUICKACK"):
+            raise SkipTest("no TCP_QUICKACK on this platform")
+        self.quickack = (socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+
+    def test_unanswered_read_is_acknowledged(self) -> None:
+        """The macros of a command switched off come alone (Postfix at DATA): they are ACKed at once."""
+        sock = FakeSocket()
+        protocol, _ = DirectSendTests().connect(FakeConnection(sock))
+        sock.options.clear()
+        protocol.dataReceived(encode(Macros("T", (("i", "4BvZ7Q2x9Kz1"),))))
+        self.assertEqual(sock.options, [self.quickack])
+
+    def test_answered_read_is_not(self) -> None:
+        """A read that is answered needs no separate ACK: the reply carries it."""
+        sock = FakeSocket()
+        protocol, _ = DirectSendTests().connect(FakeConnection(sock))
+        sock.options.clear()
+        protocol.dataReceived(encode(Macros("H")) + encode(Helo("h")))
+        self.assertEqual(sock.options, [])
+
+    def test_read_waiting_for_a_filter_is_not(self) -> None:
+        """While a filter works on the command, its reply will carry the ACK."""
+        sock = FakeSocket()
+        factory, _ = fake([Hangs])
+        protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        assert isinstance(protocol, MilterProtocol)
+        protocol.makeConnection(FakeConnection(sock))
+        protocol.dataReceived(encode(Negotiate(6, Action(0x1FF), ProtocolFlag(0x1FFFFF))))
+        protocol.dataReceived(encode(Helo("h")))
+        sock.options.clear()
+        protocol.dataReceived(encode(MailFrom("<a@example.com>")))
+        self.assertEqual(sock.options, [])
 
 
 class WriteBatchingTests(SynchronousTestCase):

@@ -94,8 +94,11 @@ OVER_LIMIT_REPLIES = {
 }
 
 _CONTINUE = Continue()
-_CONTENT = (Header, EndOfHeaders, BodyChunk, EndOfMessage)
-_SESSION_ENDS = (Quit, Disconnected, QuitNoClose)
+#: What the members log under (one Logger for all: ``self.log`` would make one per connection).
+_MEMBERS_LOG = Logger(namespace="txmilt.chain.Chain")
+_CONTINUES: tuple[Response, ...] = (_CONTINUE,)
+_CONTENT = frozenset({Header, EndOfHeaders, BodyChunk, EndOfMessage})
+_SESSION_ENDS = frozenset({Quit, Disconnected, QuitNoClose})
 
 
 class SessionState(Protocol):
@@ -145,7 +148,7 @@ class Chain:
             raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
         self._lineup = filters if isinstance(filters, Lineup) else Lineup(filters)
         self._sequential = chain_order == "sequential"
-        self._context = Context(clock, connection_id, observer, self.log)
+        self._context = Context(clock, connection_id, observer, _MEMBERS_LOG)
         self._max_body_size = max_body_size
         self._spool_threshold = body_spool_threshold
         self._progress_interval = progress_interval
@@ -206,23 +209,23 @@ class Chain:
         reaches the filters: its content is answered TempFail.
         """
         kind = type(command)
-        if session.over_limit is not None and kind in _CONTENT:
+        if kind in _CONTENT and session.over_limit is not None:
             return self._over_limit(session.over_limit)
         if kind is Abort:
             return self._after(self._end_message(self._members), ())
-        if isinstance(command, _SESSION_ENDS):
+        if kind in _SESSION_ENDS:
             return self._session_end(command)
-        if isinstance(command, MailFrom):
-            self._begin_message(command, session)
-        elif isinstance(command, Connect) and self._conditional:
-            self._check_connection(command)
-        elif isinstance(command, Header):
-            self._copy.header(command.name, command.value)
-        elif isinstance(command, BodyChunk):
-            self._copy.body(command.data)
-        if isinstance(command, EndOfMessage):
-            return self._end_of_message(command, session)
-        return self._dispatch(command, session)
+        if kind is MailFrom:
+            self._begin_message(command, session)  # type: ignore[arg-type]
+        elif kind is Header:
+            self._copy.header(command.name, command.value)  # type: ignore[union-attr]
+        elif kind is BodyChunk:
+            self._copy.body(command.data)  # type: ignore[union-attr]
+        elif kind is EndOfMessage:
+            return self._end_of_message(command, session)  # type: ignore[arg-type]
+        elif kind is Connect and self._conditional:
+            self._check_connection(command)  # type: ignore[arg-type]
+        return self._dispatch(command, session)  # type: ignore[arg-type]
 
     def _session_end(self, command: Command | Disconnected) -> Outcome:
         outcome = self._after(self.close(), ())
@@ -252,6 +255,8 @@ class Chain:
         rejected = kind is RcptTo and macros.get("rcpt_mailer") == "error"
         targets: list[Member] = []
         results: list[Any] = []
+        sequential = self._sequential
+        continued = True  # every filter called answered Continue at once
         for member in self._members:
             if member.spec.dry_run:
                 member.enqueue(functools.partial(
@@ -262,10 +267,20 @@ class Chain:
             if argument is None:
                 continue
             targets.append(member)
-            if self._sequential and targets[0] is not member:
+            if sequential and targets[0] is not member:
                 results.append(Later(functools.partial(member.call, stage, argument, macros)))
+                continued = False
             else:
-                results.append(member.call(stage, argument, macros))
+                result = member.call(stage, argument, macros)
+                continued = continued and type(result) is Continue
+                results.append(result)
+        if continued and targets:
+            # What _decide answers when every filter called continued: no filter retires or skips,
+            # some filter is still active (so not all accepted), and some body reader is not skipping.
+            if self._context.observer is not None:
+                for member in targets:
+                    self._count(member, stage, _CONTINUE)
+            return _CONTINUES
         walked = walk(results, lambda _, verdict: isinstance(verdict, REFUSALS))
         if isinstance(walked, Deferred):
             return self._track(walked.addCallback(lambda w: self._decide(command, session, targets, w)))
@@ -274,19 +289,19 @@ class Chain:
     def _argument(self, member: Member, command: Command, rejected: bool) -> object | None:
         """What ``member``'s callback is given for ``command`` now, or None if the filter is not called."""
         kind = type(command)
-        if not member.active or kind not in member.profile.needs.receives:
+        if member.retired or member.retired_for_connection or kind not in member.profile.needs.receives:
             return None
-        if isinstance(command, BodyChunk):
+        if kind is BodyChunk:
             if member.skipping or member.replayed:
                 return None
             if member.profile.whole_body:
-                self._buffer(member, command.data)
+                self._buffer(member, command.data)  # type: ignore[union-attr]
             return command if member.profile.calls_body else None
-        if isinstance(command, Header):
+        if kind is Header:
             if member.replayed:
                 return None
             if member.strip_space:
-                return Header(command.name, strip_leading_space(command.value))
+                return Header(command.name, strip_leading_space(command.value))  # type: ignore[union-attr]
             return command
         if kind is EndOfHeaders:
             return None if member.replayed else command
@@ -511,8 +526,9 @@ class Chain:
                 return True
             if not member.failed and isinstance(verdict, Continue | Accept):
                 merger.add(member.name, recorder, saw_edits=member.replayed)
-                for kind in describe(recorder):
-                    self._count_change(member, kind)
+                if self._context.observer is not None:
+                    for kind in describe(recorder):
+                        self._count_change(member, kind)
             # Postfix ends a quarantined message's milter pass; Sendmail goes on to the next milter.
             return stop_on_quarantine and merger.quarantined is not None
 

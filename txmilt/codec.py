@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -355,6 +356,12 @@ def _check_address(
     text = address
     if family is Family.INET6 and text[:5].lower() == "ipv6:":
         text = text[5:]
+    if family is Family.INET:
+        try:
+            socket.inet_pton(socket.AF_INET, text)  # what it takes, ipaddress takes too; quicker
+            return
+        except (OSError, ValueError):
+            pass  # ipaddress decides (and explains)
     try:
         if family is Family.INET:
             ipaddress.IPv4Address(text)
@@ -392,13 +399,19 @@ def _dec_connect(payload: bytes) -> Connect:
 
 def _dec_envelope(cls: type[MailFrom] | type[RcptTo], name: str) -> Callable[[bytes], MailFrom | RcptTo]:
     def decode(payload: bytes) -> MailFrom | RcptTo:
-        address, *args = _strings(cls.letter, payload, name)
+        if payload[-1:] == b"\0":
+            address, *args = payload[:-1].decode("utf-8", "surrogateescape").split("\0")
+            return cls(address, tuple(args))
+        address, *args = _strings(cls.letter, payload, name)  # raises the error that says what is wrong
         return cls(address, tuple(args))
 
     return decode
 
 
 def _dec_header(payload: bytes) -> Header:
+    if payload[-1:] == b"\0" and payload.count(0) == 2 and payload[0]:
+        name, value, _ = payload.decode("utf-8", "surrogateescape").split("\0")
+        return Header(name, value)
     name, value = _exactly("L", payload, "HEADER", 2)
     if not name:
         raise RemoteProtocolError("HEADER ('L') has an empty name")
@@ -436,6 +449,10 @@ _COMMAND_DECODERS: Mapping[str, Callable[[bytes], Command]] = {
     "Q": _empty(Quit, "QUIT"),
     "K": _empty(QuitNoClose, "QUIT_NC"),
 }
+
+
+#: The decoder of each command letter (``decode_command`` without the unknown-letter error).
+COMMAND_DECODERS = _COMMAND_DECODERS
 
 
 def decode_command(letter: str, payload: bytes) -> Command:
@@ -570,51 +587,97 @@ def decode_response(letter: str, payload: bytes) -> Response:
 
 
 class FrameBuffer:
-    """Reassembles frames from a byte stream fed in arbitrary pieces."""
+    """Reassembles frames from a byte stream fed in arbitrary pieces.
 
-    __slots__ = ("_buffer", "_offset", "limit")
+    The pieces are kept as they were fed, not appended to one buffer: a payload
+    inside one piece is sliced out of it, and one that spans pieces is joined
+    from them, so each payload byte is copied once, however big the frame.
+    """
+
+    __slots__ = ("_data", "_later", "_offset", "limit", "pending")
 
     def __init__(self, limit: int = DEFAULT_FRAME_LIMIT) -> None:
         if not 0 < limit <= ABSOLUTE_FRAME_LIMIT:
             raise LocalProtocolError(f"frame limit {limit} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-        self._buffer = bytearray()
+        self._data: bytes = b""  # the piece being read, from _offset on
         self._offset = 0
+        self._later: list[bytes] = []  # pieces fed after it, in order (rarely more than one)
+        #: Bytes received that do not yet form a whole frame (not yet handed out, in all pieces).
+        self.pending = 0
         self.limit = limit
 
     def feed(self, data: bytes) -> None:
-        """Append received bytes."""
-        self._buffer += data
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a whole frame."""
-        return len(self._buffer) - self._offset
+        """Append received bytes (kept as they are: the caller must not change them afterwards)."""
+        if not data:
+            return
+        if self.pending:
+            self._later.append(bytes(data))
+        else:
+            self._data, self._offset = bytes(data), 0
+        self.pending += len(data)
 
     def next_frame(self) -> tuple[str, bytes] | None:
         """The next whole frame as (letter, payload), or None until more bytes arrive.
 
         A length of 0 counts as 1 (the fifth byte is still the letter), as in libmilter.
         """
-        buffer, offset = self._buffer, self._offset
-        available = len(buffer) - offset
-        if available < _HEADER_SIZE:
+        data, offset = self._data, self._offset
+        size = len(data)
+        if size - offset >= _HEADER_SIZE:
+            (length,) = _U32.unpack_from(data, offset)
+            end = offset + 4 + (length or 1)
+            if end <= size and length <= self.limit + 1:  # the frame is in this piece: slice it out
+                self.pending -= end - offset
+                if end != size:
+                    self._offset = end
+                elif self._later:
+                    self._data, self._offset = self._later.pop(0), 0
+                else:
+                    self._data, self._offset = b"", 0
+                return chr(data[offset + 4]), data[offset + _HEADER_SIZE:end]
+        elif self.pending < _HEADER_SIZE:
             return None
-        (length,) = _U32.unpack_from(buffer, offset)
+        else:
+            length = _U32.unpack(self._peek(4))[0]
         if length > self.limit + 1:
             error = FrameSizeError(length - 1, self.limit)
-            error.args = (f"{chr(buffer[offset + 4])!r} {error}",)
+            error.args = (f"{chr(self._peek(5)[4])!r} {error}",)
             raise error
-        end = offset + 4 + (length or 1)
-        if end > len(buffer):
+        size = length or 1
+        if self.pending < 4 + size:
             return None
-        letter = chr(buffer[offset + 4])
-        payload = bytes(buffer[offset + _HEADER_SIZE:end])
-        if end == len(buffer):
-            buffer.clear()
-            self._offset = 0
-        elif end > 65536 and end * 2 > len(buffer):
-            del buffer[:end]
-            self._offset = 0
-        else:
-            self._offset = end
-        return letter, payload
+        letter = chr(self._take(_HEADER_SIZE)[4])
+        return letter, self._take(size - 1)
+
+    def _peek(self, count: int) -> bytes:
+        """The first ``count`` bytes (there are that many), left in place."""
+        head = self._data[self._offset:self._offset + count]
+        for piece in self._later:
+            if len(head) >= count:
+                break
+            head += piece[:count - len(head)]
+        return head
+
+    def _take(self, count: int) -> bytes:
+        """Remove and return the first ``count`` bytes (there are that many), joined in one copy."""
+        if not count:
+            return b""
+        self.pending -= count
+        views: list[memoryview] = []
+        while count:
+            data, offset = self._data, self._offset
+            available = len(data) - offset
+            if count < available:
+                views.append(memoryview(data)[offset:offset + count])
+                self._offset = offset + count
+                break
+            views.append(memoryview(data)[offset:])
+            count -= available
+            self._next_piece()
+        if len(views) == 1:
+            return bytes(views[0])
+        return b"".join(views)
+
+    def _next_piece(self) -> None:
+        """The current piece is used up: go on to the next one, or hold nothing."""
+        self._data, self._offset = self._later.pop(0) if self._later else b"", 0

@@ -14,11 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from txmilt.codec import DEFAULT_FRAME_LIMIT, FrameBuffer, decode_command, decode_response, encode
+from txmilt.codec import (
+    COMMAND_DECODERS,
+    DEFAULT_FRAME_LIMIT,
+    FrameBuffer,
+    decode_command,
+    decode_response,
+    encode,
+)
 from txmilt.errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from txmilt.macros import EMPTY_MACROS as EMPTY_MACROS
 from txmilt.macros import MacroView as MacroView
-from txmilt.macros import normal_macro_name
+from txmilt.macros import WireMacros, normal_macro_name
 from txmilt.messages import (
     Abort,
     Accept,
@@ -77,6 +84,9 @@ class Stage(enum.Enum):
     END_OF_MESSAGE = "end of message"
     UNKNOWN = "UNKNOWN"
     CLOSED = "closed"
+
+    #: Members are singletons compared by identity: hash them so too (Enum's own hash is Python code).
+    __hash__ = object.__hash__
 
 
 class Scope(enum.Enum):
@@ -282,6 +292,27 @@ def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
 
 
 
+_REPLIES_SENT: dict[tuple[Negotiate, int], tuple[NegotiateReply, bytes]] = {}
+
+
+def _checked_reply(offer: Negotiate, reply: NegotiateReply) -> bytes:
+    """The bytes of ``reply`` once it is checked against ``offer``; remembered for replies sent again.
+
+    A daemon sends the same few reply objects (its chain's plans) to every
+    connection, so the check and the encoding are done once per offer and reply.
+    """
+    key = (offer, id(reply))
+    known = _REPLIES_SENT.get(key)
+    if known is not None and known[0] is reply:
+        return known[1]
+    check_negotiation(offer, reply, LocalProtocolError)
+    data = encode(reply)
+    if len(_REPLIES_SENT) >= 64:
+        _REPLIES_SENT.clear()
+    _REPLIES_SENT[key] = (reply, data)
+    return data
+
+
 # ------------------------------------------------------------------ sessions
 
 
@@ -348,6 +379,12 @@ class _Session:
         """Move the stage for ``command`` (TRANSITIONS); the events it stands for (an implicit abort first)."""
         stage = self.stage
         kind = type(command)
+        target = self._transitions[stage].get(kind) if kind is not Negotiate else None
+        if target is not None:  # the common case: a command of a stage, where it may come
+            self.stage = target
+            if kind is MailFrom:
+                self._message_open = True
+            return [command]
         if stage is Stage.CLOSED:
             raise error(f"{_describe(command)} after the session closed")
         if stage is Stage.INIT and kind is not Negotiate:
@@ -469,17 +506,16 @@ class MilterSession(_Session):
             stored = self._macros
             view = EMPTY_MACROS
             if stored:
-                view = MacroView(tuple(stored[letter] for letter in _MACRO_LETTERS if letter in stored))
+                view = MacroView(tuple([stored[letter] for letter in _MACRO_LETTERS if letter in stored]))
             self._macro_view = view
         return view
 
     def receive_data(self, data: bytes) -> None:
         """Take bytes from the MTA; ``b""`` marks the end of the stream."""
-        if data:
-            if not self._eof:
-                self._frames.feed(data)
-        else:
+        if not data:
             self._eof = True
+        elif not self._eof:
+            self._frames.feed(data)
 
     def next_event(self) -> MilterEvent | _NeedData:
         """The next command (or Disconnected, or a Notice of ignored damage), or NEED_DATA.
@@ -491,11 +527,13 @@ class MilterSession(_Session):
             if not self._eof:
                 raise LocalProtocolError(f"reply to {self._awaiting!r} still owed; send it first")
             self._awaiting = None  # the MTA is gone: the reply can no longer be delivered
-        while not self._pending:
-            if self.stage is Stage.CLOSED:
+        pending = self._pending
+        frames = self._frames
+        while not pending:
+            if self.stage is Stage.CLOSED or (not frames.pending and not self._eof):
                 return NEED_DATA
             try:
-                frame = self._frames.next_frame()
+                frame = frames.next_frame()
             except RemoteProtocolError as e:
                 stage, self.stage = self.stage, Stage.CLOSED
                 e.args = (f"{e} (in stage {stage.value})",)
@@ -503,32 +541,52 @@ class MilterSession(_Session):
             if frame is None:
                 if not self._eof:
                     return NEED_DATA
-                truncated = self._frames.pending > 0
+                truncated = frames.pending > 0
                 events: list[MilterEvent] = [Abort()] if self._message_open else []
                 self._message_open = False
                 self.stage = Stage.CLOSED
-                self._pending.extend([*events, Disconnected(truncated)])
+                pending.extend([*events, Disconnected(truncated)])
+                event = pending.pop(0)
                 break
-            self._pending.extend(self._command(*frame))
-        event = self._pending.pop(0)
-        if not isinstance(event, Disconnected | Notice) and self._reply_expected(event):
-            self._awaiting = event
+            letter, payload = frame
+            # An undamaged MACRO packet (whole NUL-terminated name/value pairs) is kept undecoded until a
+            # filter reads it; a damaged one takes the general way, decoded as libmilter tolerates it.
+            if (letter == "D" and self.stage is not Stage.INIT and payload
+                    and (len(payload) == 1 or (payload[-1] == 0 and not payload.count(0) % 2))):
+                macro_letter = chr(payload[0])
+                if macro_letter in _MACRO_LETTERS:
+                    self._macros[macro_letter] = WireMacros(payload[1:])
+                    self._macro_view = None
+                continue
+            events = self._command(letter, payload)
+            if len(events) == 1 and not pending:
+                event = events[0]  # the common case: one command, no list to go through
+                break
+            pending.extend(events)
+        else:
+            event = pending.pop(0)
+        kind = type(event)
+        if kind is Negotiate or kind is EndOfMessage or (kind in NO_REPLY_FLAG and kind not in self._silent):
+            self._awaiting = event  # type: ignore[assignment]
         return event
 
     def _command(self, letter: str, payload: bytes) -> list[MilterEvent]:
         stage = self.stage
         try:
-            command = decode_command(letter, payload)
+            decoder = COMMAND_DECODERS.get(letter)
+            command = decoder(payload) if decoder is not None else decode_command(letter, payload)
         except RemoteProtocolError as e:
             self.stage = Stage.CLOSED
             e.args = (f"{e} (in stage {stage.value})",)
             raise
+        kind = type(command)
         try:
-            events = self._order(command, RemoteProtocolError)
+            events: list[MilterEvent] = self._order(command, RemoteProtocolError)  # type: ignore[assignment]
         except RemoteProtocolError:
             self.stage = Stage.CLOSED
             raise
-        if isinstance(command, Macros):
+        if kind is Macros:
+            assert isinstance(command, Macros)
             self._store_macros(command)
             if command.damage and not self._damage_noticed:
                 self._damage_noticed = True
@@ -545,11 +603,11 @@ class MilterSession(_Session):
         if letter in "OQK":
             self._macros = {}
             self._macro_view = None
-        elif command.letter in _MACRO_CLEARS:
-            for letter in _MACRO_CLEARS[command.letter]:
-                if self._macros.pop(letter, None) is not None:
+        elif letter in _MACRO_CLEARS:
+            for cleared in _MACRO_CLEARS[letter]:
+                if self._macros.pop(cleared, None) is not None:
                     self._macro_view = None
-        return list(events)
+        return events
 
     def _count_header(self, size: int) -> None:
         self.header_count += 1
@@ -572,14 +630,17 @@ class MilterSession(_Session):
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
         command = self._awaiting
-        if type(response) is Continue and command is not None and type(command) is not Negotiate:
-            self._after_final(command, response)  # the common case, without the general checks
-            return _CONTINUE_FRAME
+        if type(response) is Continue and command is not None:
+            kind = type(command)
+            if kind is not Negotiate:  # the common case, without the general checks (see _after_final)
+                self._awaiting = None
+                if kind is EndOfMessage and self.stage is not Stage.CLOSED:
+                    self._message_open = False
+                return _CONTINUE_FRAME
         command = self._check_response(response, LocalProtocolError)
         if isinstance(response, NegotiateReply):
             assert isinstance(command, Negotiate)
-            check_negotiation(command, response, LocalProtocolError)
-            data = encode(response)
+            data = _checked_reply(command, response)
             self._set_negotiated(command, response)
             self._awaiting = None
             return data
