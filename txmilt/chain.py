@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeAlias
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -58,14 +58,13 @@ from txmilt.messages import (
     Response,
     Skip,
     TempFail,
-    strip_leading_space,
 )
 from txmilt.milter import CALLBACKS, Changes, FilterVerdict
 from txmilt.mta import MTA, mta_of_version
-from txmilt.order import Later, Walked, walk
+from txmilt.order import Keepalive, Later, Walked, all_of, both, walk
 from txmilt.replay import MessageCopy, plan
 from txmilt.session import Disconnected, LimitExceeded, MacroView, Scope, closes
-from txmilt.spool import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, BodySpool
+from txmilt.spool import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE
 
 __all__ = [
     "CHAIN_ORDERS",
@@ -124,9 +123,9 @@ class Chain:
     """Fans each MTA command out to the filters of one connection and merges their answers."""
 
     __slots__ = (
-        "_closed", "_conditional", "_context", "_copy", "_in_flight", "_lineup", "_max_body_size", "_members",
-        "_negotiated", "_offer", "_progress_call", "_progress_interval", "_refused_over_limit", "_sequential",
-        "_skip_allowed", "_spool_threshold", "send_progress",
+        "_closed", "_conditional", "_context", "_copy", "_in_flight", "_lineup", "_members",
+        "_negotiated", "_offer", "_progress_interval", "_refused_over_limit", "_sequential",
+        "_skip_allowed", "send_progress",
     )
 
     log = Logger()
@@ -148,9 +147,7 @@ class Chain:
             raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
         self._lineup = filters if isinstance(filters, Lineup) else Lineup(filters)
         self._sequential = chain_order == "sequential"
-        self._context = Context(clock, connection_id, observer, _MEMBERS_LOG)
-        self._max_body_size = max_body_size
-        self._spool_threshold = body_spool_threshold
+        self._context = Context(clock, connection_id, observer, _MEMBERS_LOG, body_spool_threshold, max_body_size)
         self._progress_interval = progress_interval
         self.send_progress = send_progress
         self._members = self._make_members()
@@ -160,7 +157,6 @@ class Chain:
         self._copy = MessageCopy(body_spool_threshold, max_body_size)
         self._skip_allowed = False  # SKIP negotiated, and no copy of the body needed
         self._in_flight: Deferred[Any] | None = None
-        self._progress_call: IDelayedCall | None = None
         self._closed = False
         self._refused_over_limit = False
 
@@ -263,7 +259,7 @@ class Chain:
                     self._dry_call, member, command, macros, rejected, session.in_transaction
                 ))
                 continue
-            argument = self._argument(member, command, rejected)
+            argument = member.argument(command, rejected)
             if argument is None:
                 continue
             targets.append(member)
@@ -279,35 +275,12 @@ class Chain:
             # some filter is still active (so not all accepted), and some body reader is not skipping.
             if self._context.observer is not None:
                 for member in targets:
-                    self._count(member, stage, _CONTINUE)
+                    member.count(stage, _CONTINUE)
             return _CONTINUES
         walked = walk(results, lambda _, verdict: isinstance(verdict, REFUSALS))
         if isinstance(walked, Deferred):
             return self._track(walked.addCallback(lambda w: self._decide(command, session, targets, w)))
         return self._decide(command, session, targets, walked)
-
-    def _argument(self, member: Member, command: Command, rejected: bool) -> object | None:
-        """What ``member``'s callback is given for ``command`` now, or None if the filter is not called."""
-        kind = type(command)
-        if member.retired or member.retired_for_connection or kind not in member.profile.needs.receives:
-            return None
-        if kind is BodyChunk:
-            if member.skipping or member.replayed:
-                return None
-            if member.profile.whole_body:
-                self._buffer(member, command.data)  # type: ignore[union-attr]
-            return command if member.profile.calls_body else None
-        if kind is Header:
-            if member.replayed:
-                return None
-            if member.strip_space:
-                return Header(command.name, strip_leading_space(command.value))  # type: ignore[union-attr]
-            return command
-        if kind is EndOfHeaders:
-            return None if member.replayed else command
-        if rejected and not member.profile.requirements.protocol & ProtocolFlag.RCPT_REJECTED:
-            return None
-        return command
 
     def _decide(self, command: Command, session: SessionState, targets: list[Member], walked: Walked) -> Outcome:
         """Apply the settled verdicts to the filters' state; the MTA's answer."""
@@ -317,24 +290,24 @@ class Chain:
         resets: list[Deferred[Any] | None] = []
         verdicts = walked.verdicts
         for member, verdict in zip(targets, verdicts, strict=False):
-            self._count(member, stage, verdict)
+            member.count(stage, verdict)
             if isinstance(verdict, Accept):
                 resets.append(self._retire(member, kind, message_open))
             elif isinstance(verdict, Skip):
                 member.skipping = True
-        settled = _all_of(resets)
+        settled = all_of(resets)
         answer = merge_verdicts(verdicts)  # the first refusal in filter order
         if isinstance(answer, REFUSALS):
             if message_open and closes(kind, type(answer)) is Scope.MESSAGE:
                 refuser = targets[len(verdicts) - 1]
                 others = [m for m in self._members if m is not refuser]
-                return self._after(_both(settled, self._end_message(others)), (answer,))
+                return self._after(both(settled, self._end_message(others)), (answer,))
             return self._after(settled, (answer,))
         if self._all_accepted():
             if any(m.spec.dry_run for m in self._members):
                 return self._after(settled, (_CONTINUE,))  # dry runs go on seeing the message
             if message_open and closes(kind, Accept) is Scope.MESSAGE:
-                settled = _both(settled, self._end_message(()))
+                settled = both(settled, self._end_message(()))
             return self._after(settled, (Accept(),))
         if kind is BodyChunk and self._skip_allowed:
             readers = [m for m in self._members if m.active and BodyChunk in m.profile.needs.receives]
@@ -362,37 +335,19 @@ class Chain:
                 counted = True
         return counted
 
-    def _count(self, member: Member, stage: str, verdict: FilterVerdict) -> None:
-        observer = self._context.observer
-        if observer is not None:
-            observer.verdict(member.name, stage, type(verdict).__name__, member.spec.dry_run)
-
-    def _buffer(self, member: Member, data: bytes) -> None:
-        """Keep a body chunk for a whole_body filter, in memory, then in a temporary file."""
-        if member.spool is None:
-            member.spool = BodySpool(self._spool_threshold, self._max_body_size)
-        elif member.spool.trouble is not None:
-            return
-        if not member.spool.write(data):
-            self.log.error(
-                "[{conn}] filter {filter}: {trouble}; it gets its fallback {fallback!r} at end of message",
-                conn=self.connection_id, filter=member.name, trouble=member.spool.trouble,
-                fallback=member.spec.fallback,
-            )
-
     # -- dry runs: evaluated, never waited for
 
     def _dry_call(
         self, member: Member, command: Command, macros: MacroView, rejected: bool, message_open: bool
     ) -> object:
         """Give a dry-run filter a command (in its own time); log and count what it would have answered."""
-        argument = self._argument(member, command, rejected)
+        argument = member.argument(command, rejected)
         if argument is None:
             return None
         stage = CALLBACKS[type(command)]
 
         def judged(verdict: FilterVerdict) -> None:
-            self._count(member, stage, verdict)
+            member.count(stage, verdict)
             if isinstance(verdict, Accept):
                 self._retire(member, type(command), message_open)
             elif isinstance(verdict, Skip):
@@ -427,7 +382,7 @@ class Chain:
             if when is not None and when.message_level and member.active:
                 reason = when.message_fails(session.macros.get("{auth_authen}"), command.address)
                 if reason is not None:
-                    self._skip(member, reason)
+                    member.skip(reason)
             if member.spec.dry_run:
                 member.enqueue(functools.partial(_new_message, member, reason is not None))
             else:
@@ -441,16 +396,7 @@ class Chain:
                 reason = when.connection_fails(command)
                 if reason is not None:
                     member.retired_for_connection = True
-                    self._skip(member, reason)
-
-    def _skip(self, member: Member, reason: str) -> None:
-        self.log.debug(
-            "[{conn}] filter {filter} sits this out: its when.{key} does not hold",
-            conn=self.connection_id, filter=member.name, key=reason,
-        )
-        observer = self._context.observer
-        if observer is not None:
-            observer.skipped(member.name, reason)
+                    member.skip(reason)
 
     def _end_message(self, aborted: Iterable[Member]) -> Deferred[Any] | None:
         """The message is over: ``abort()`` for ``aborted`` filters still in it, then ``reset()`` for all of them.
@@ -475,7 +421,7 @@ class Chain:
             else:
                 _new_message(member)
         self._copy.close()
-        return _all_of(pending)
+        return all_of(pending)
 
     def _end_of_message(self, command: EndOfMessage, session: SessionState) -> Outcome:
         if command.data:
@@ -515,41 +461,29 @@ class Chain:
             if member.replayed:
                 results.append(Later(functools.partial(self._copy.replay, member, recorder, merger, macros)))
             else:
-                results.append(self._end_of_message_of(member, recorder, macros))
+                results.append(member.end_of_message(recorder, macros))
         # Postfix ends the milters' pass at the first that quarantines, Sendmail goes on.
         stop_on_quarantine = self._sequential and mta is not MTA.SENDMAIL
 
         def settled(index: int, verdict: FilterVerdict) -> bool:
             member, recorder = targets[index], recorders[index]
-            self._count(member, "end_of_message", verdict)
+            member.count("end_of_message", verdict)
             if isinstance(verdict, REFUSALS):
                 return True
             if not member.failed and isinstance(verdict, Continue | Accept):
                 merger.add(member.name, recorder, saw_edits=member.replayed)
                 if self._context.observer is not None:
                     for kind in describe(recorder):
-                        self._count_change(member, kind)
+                        member.count_change(kind)
             # Postfix ends a quarantined message's milter pass; Sendmail goes on to the next milter.
             return stop_on_quarantine and merger.quarantined is not None
 
         walked = walk(results, settled)
         if isinstance(walked, Deferred):
-            self._start_progress()
-            walked.addBoth(self._stop_progress)
+            keepalive = Keepalive(self._context.clock, self._progress_interval, self._progress_now)
+            walked.addBoth(keepalive.stop)
             return self._track(walked.addCallback(self._finish, targets, merger))
         return self._finish(walked, targets, merger)
-
-    def _end_of_message_of(self, member: Member, recorder: Changes, macros: MacroView) -> FilterVerdict | Deferred[Any]:
-        """Call one filter's end_of_message, showing a whole_body filter its body first."""
-        if member.profile.whole_body and not member.replayed:
-            spool = member.spool
-            if spool is not None and spool.trouble is not None:
-                fallback, _ = member.fallback("end_of_message")
-                if self._context.observer is not None:
-                    self._context.observer.failure(member.name, "end_of_message", "body")
-                return fallback
-            member.show_body(spool.file() if spool is not None else BodySpool().file())
-        return member.call("end_of_message", recorder, macros)
 
     def _finish(self, walked: Walked, targets: list[Member], merger: ChangeMerger) -> Outcome:
         """The MTA's answer at end of message: the merged changes first, then the verdict.
@@ -580,14 +514,14 @@ class Chain:
             if not member.active:
                 return None
             member.failed = False
-            outcome = self._end_of_message_of(member, recorder, macros)
+            outcome = member.end_of_message(recorder, macros)
             if isinstance(outcome, Deferred):
                 return outcome.addCallback(judged)
             judged(outcome)
             return None
 
         def judged(verdict: FilterVerdict) -> None:
-            self._count(member, "end_of_message", verdict)
+            member.count("end_of_message", verdict)
             if member.failed:
                 return
             if not isinstance(verdict, Continue | Accept) or not recorder.empty:
@@ -596,13 +530,9 @@ class Chain:
                     conn=self.connection_id, filter=member.name, verdict=verdict, changes=describe(recorder),
                 )
             for kind in describe(recorder):
-                self._count_change(member, kind)
+                member.count_change(kind)
 
         member.enqueue(run)
-
-    def _count_change(self, member: Member, kind: str) -> None:
-        if self._context.observer is not None:
-            self._context.observer.change(member.name, kind, member.spec.dry_run)
 
     # -- the end of the session
 
@@ -625,7 +555,7 @@ class Chain:
             if closed is not None:
                 pending.append(closed)
         self._copy.close()
-        return _all_of(pending)
+        return all_of(pending)
 
     def connection_lost(self, in_transaction: bool) -> None:
         """The MTA vanished: cancel work in flight, abort an open message, close every filter.
@@ -637,6 +567,11 @@ class Chain:
         if in_transaction:
             self._end_message(self._members)
         self.close()
+
+    def _progress_now(self) -> None:
+        """Tell the MTA the chain is still working (while it is connected)."""
+        if self.send_progress is not None:
+            self.send_progress()
 
     def _after(self, waiting: Deferred[Any] | None, responses: Sequence[Response]) -> Outcome:
         if waiting is None:
@@ -654,43 +589,6 @@ class Chain:
             return result
 
         return deferred.addBoth(clear)
-
-    # -- progress keep-alives
-
-    def _progress_now(self) -> None:
-        if self.send_progress is not None:
-            self.send_progress()
-
-    def _start_progress(self) -> None:
-        if self.send_progress is None:
-            return
-        clock = self._context.clock
-
-        def tick() -> None:
-            self._progress_now()
-            self._progress_call = clock.callLater(self._progress_interval, tick)
-
-        self._progress_call = clock.callLater(self._progress_interval, tick)
-
-    def _stop_progress(self, result: object) -> object:
-        if self._progress_call is not None and self._progress_call.active():
-            self._progress_call.cancel()
-        self._progress_call = None
-        return result
-
-
-def _all_of(pending: Sequence[Deferred[Any] | None]) -> Deferred[Any] | None:
-    waiting = [d for d in pending if d is not None]
-    if not waiting:
-        return None
-    return gatherResults(waiting, consumeErrors=True).addErrback(lambda _: None)
-
-
-def _both(first: Deferred[Any] | None, second: Deferred[Any] | None) -> Deferred[Any] | None:
-    """One Deferred for two pieces of work that may each be done already (None)."""
-    return _all_of([first, second])
-
-
 
 def _new_message(member: Member, left_out: bool = False) -> None:
     """Clear what a filter's state says about the last message; ``left_out`` of the next one by its ``when``."""

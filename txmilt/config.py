@@ -8,8 +8,6 @@ makeService read them from ``SETTINGS``; none writes a default of its own.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import json
 import os
 import shutil
@@ -20,12 +18,14 @@ from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
 from txmilt.chain import CHAIN_ORDERS, DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
-from txmilt.conditions import When
 from txmilt.errors import ConfigurationError
-from txmilt.interfaces import IMilter
+from txmilt.filtertable import FALLBACKS as FALLBACKS
+from txmilt.filtertable import SupervisedCommand as SupervisedCommand
+from txmilt.filtertable import check_keys, positive, supervised_command
+from txmilt.filtertable import fallback_verdict as fallback_verdict
+from txmilt.filtertable import filter_spec as filter_spec
+from txmilt.filtertable import load_factory as load_factory
 from txmilt.listen import DEFAULT_SOCKET_MODE, check_strports, to_strports
-from txmilt.messages import Accept, Continue, Reject, TempFail
-from txmilt.milter import FilterVerdict
 from txmilt.protocol import (
     DEFAULT_FRAME_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
@@ -38,13 +38,6 @@ from txmilt.session import DEFAULT_MAX_HEADER_BYTES, DEFAULT_MAX_HEADERS
 
 #: Where the daemon listens when nothing else is said.
 DEFAULT_LISTEN = "tcp:8891:interface=127.0.0.1"
-
-FALLBACKS: Mapping[str, Callable[[], FilterVerdict]] = {
-    "tempfail": TempFail,
-    "accept": Accept,
-    "continue": Continue,
-    "reject": Reject,
-}
 
 #: How a setting is written: a whole number, seconds, text, a listen address, a fallback name, a process count.
 SettingKind: TypeAlias = Literal["count", "seconds", "text", "address", "fallback", "workers"]
@@ -72,11 +65,6 @@ def _not_negative(label: str, value: float) -> None:
         raise ConfigurationError(f"{label} must not be negative, not {value!r}")
 
 
-def _positive(label: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigurationError(f"{label} must be positive, not {value!r}")
-
-
 def _at_least_one(label: str, value: int) -> None:
     if value < 1:
         raise ConfigurationError(f"{label} must be at least 1")
@@ -95,29 +83,6 @@ def _workers(label: str, value: int | str) -> None:
 def _frame_limit(label: str, value: int) -> None:
     if not 0 < value <= ABSOLUTE_FRAME_LIMIT:
         raise ConfigurationError(f"{label} {value} must be between 1 and {ABSOLUTE_FRAME_LIMIT}")
-
-
-#: Keys of a remote [[filter]] table that have the daemon run that milter itself.
-_COMMAND_KEYS: Final = ("command", "env", "restart_delay", "start_timeout")
-#: Seconds before a supervised milter that died is started again (doubled while it keeps dying young).
-DEFAULT_RESTART_DELAY = 1.0
-#: Seconds a supervised milter has to accept connections at start before the daemon serves without it.
-DEFAULT_START_TIMEOUT = 30.0
-
-
-@dataclass(frozen=True)
-class SupervisedCommand:
-    """An external milter the daemon runs itself: a ``remote`` filter's ``command``."""
-
-    #: The filter's name, used in logs.
-    name: str
-    #: The filter's ``remote`` address, where the program must accept connections.
-    address: str
-    command: tuple[str, ...]
-    #: Variables added to the daemon's own environment for the program.
-    env: tuple[tuple[str, str], ...] = ()
-    restart_delay: float = DEFAULT_RESTART_DELAY
-    start_timeout: float = DEFAULT_START_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -217,7 +182,7 @@ class DaemonConfig:
     )
     progress_interval: float = _setting(
         DEFAULT_PROGRESS_INTERVAL, "seconds",
-        "Seconds between keep-alives at a slow end of message (default {default}).", check=_positive, factory=True,
+        "Seconds between keep-alives at a slow end of message (default {default}).", check=positive, factory=True,
     )
     socket_group: str | None = _setting(
         None, "text",
@@ -228,7 +193,7 @@ class DaemonConfig:
         FilterSpec.timeout, "seconds",
         "Default per-filter deadline for each callback, in seconds; past it the filter gets its fallback"
         " (default {default}).",
-        key="timeout", check=_positive,
+        key="timeout", check=positive,
     )
     default_fallback: str = _setting(
         "tempfail", "fallback", f"Default verdict for a failing filter: {', '.join(FALLBACKS)} (default {{default}}).",
@@ -289,123 +254,6 @@ def _settings() -> tuple[Setting, ...]:
 
 #: Every setting of DaemonConfig, in field order.
 SETTINGS: Final = _settings()
-_FILTER_KEYS = {
-    "class": str,
-    "remote": str,
-    "name": str,
-    "timeout": (int, float),
-    "fallback": str,
-    "dry_run": bool,
-    "after_changes": bool,
-    "when": dict,
-    "options": dict,
-    "command": list,
-    "env": dict,
-    "restart_delay": (int, float),
-    "start_timeout": (int, float),
-}
-
-
-def load_factory(path: str) -> Callable[..., IMilter]:
-    """The class (or factory) named ``package.module:Name`` or ``package.module.Name``."""
-    module_name, sep, attribute = path.partition(":")
-    if not sep:
-        module_name, _, attribute = path.rpartition(".")
-    if not module_name or not attribute:
-        raise ConfigurationError(f"filter {path!r}: name it as package.module:ClassName")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as e:
-        raise ConfigurationError(f"filter {path!r}: cannot import module {module_name!r}: {e}") from e
-    try:
-        target: Any = module
-        for part in attribute.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        raise ConfigurationError(f"filter {path!r}: module {module_name!r} has no {attribute!r}") from None
-    if not callable(target):
-        raise ConfigurationError(f"filter {path!r}: {attribute!r} is not a class or factory")
-    return target  # type: ignore[no-any-return]
-
-
-def _check_keys(table: Mapping[str, Any], known: Mapping[str, Any], where: str) -> None:
-    for key, value in table.items():
-        if key not in known:
-            raise ConfigurationError(
-                f"{where}: unknown key {key!r}; known keys are {', '.join(sorted(known))}"
-            )
-        expected = known[key]
-        if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
-            raise ConfigurationError(f"{where}: {key} = {value!r} has the wrong type")
-
-
-def fallback_verdict(name: str, where: str) -> FilterVerdict:
-    """The verdict a fallback name stands for."""
-    try:
-        return FALLBACKS[name.lower()]()
-    except KeyError:
-        raise ConfigurationError(
-            f"{where}: fallback {name!r} is not one of {', '.join(FALLBACKS)}"
-        ) from None
-
-
-def filter_spec(
-    table: Mapping[str, Any], where: str, default_timeout: float, default_fallback: str
-) -> FilterSpec:
-    """A FilterSpec from one ``[[filter]]`` table (or a command-line ``--filter``)."""
-    _check_keys(table, _FILTER_KEYS, where)
-    if ("class" in table) == ("remote" in table):
-        raise ConfigurationError(
-            f"{where}: give exactly one of class = \"module:Class\" or remote = \"inet:PORT@HOST\""
-        )
-    options = table.get("options", {})
-    timeout = float(table.get("timeout", default_timeout))
-    _positive(f"{where}: timeout", timeout)
-    fallback = fallback_verdict(table.get("fallback", default_fallback), where)
-    when = When.parse(table["when"], where) if "when" in table else None
-    if "remote" in table:
-        from txmilt.remote import remote_filter
-
-        try:
-            return remote_filter(
-                table["remote"], name=table.get("name", table["remote"]), timeout=timeout, fallback=fallback,
-                dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), when=when,
-                **options,
-            )
-        except ConfigurationError as e:
-            raise ConfigurationError(f"{where}: {e}") from None
-    cls = load_factory(table["class"])
-    factory: Callable[[], IMilter] = functools.partial(cls, **options) if options else cls
-    return FilterSpec(
-        factory, name=table.get("name", table["class"]), timeout=timeout, fallback=fallback,
-        dry_run=table.get("dry_run", False), after_changes=table.get("after_changes", False), when=when,
-    )
-
-
-def supervised_command(table: Mapping[str, Any], where: str, name: str) -> SupervisedCommand | None:
-    """The program a ``[[filter]]`` table has the daemon run (its ``command``), or None if it names none."""
-    if "command" not in table:
-        stray = [key for key in _COMMAND_KEYS if key in table]
-        if stray:
-            raise ConfigurationError(f"{where}: {stray[0]} needs command = [...], the program the daemon runs")
-        return None
-    if "remote" not in table:
-        raise ConfigurationError(
-            f"{where}: command needs remote = \"inet:PORT@HOST\", the address where the program accepts connections"
-        )
-    command = table["command"]
-    if not command or not all(isinstance(part, str) and part for part in command):
-        raise ConfigurationError(f'{where}: command must be a list of words such as ["opendkim", "-f"]: {command!r}')
-    env = table.get("env", {})
-    if not all(isinstance(value, str) for value in env.values()):
-        raise ConfigurationError(f"{where}: env values must be strings, not {env!r}")
-    restart_delay = float(table.get("restart_delay", DEFAULT_RESTART_DELAY))
-    _positive(f"{where}: restart_delay", restart_delay)
-    start_timeout = float(table.get("start_timeout", DEFAULT_START_TIMEOUT))
-    _positive(f"{where}: start_timeout", start_timeout)
-    return SupervisedCommand(name, table["remote"], tuple(command), tuple(env.items()), restart_delay, start_timeout)
-
-
 def _read_text(path: str) -> str:
     """The text of a config file; ConfigurationError if it cannot be read."""
     try:
@@ -455,7 +303,7 @@ def parse_config(
     daemon = data.get("daemon", {})
     if not isinstance(daemon, dict):
         raise ConfigurationError(f"{where}: [daemon] must be a table")
-    _check_keys(daemon, {"listen": (list, str), **{s.key: _TOML_TYPES[s.kind] for s in SETTINGS}}, f"{where} [daemon]")
+    check_keys(daemon, {"listen": (list, str), **{s.key: _TOML_TYPES[s.kind] for s in SETTINGS}}, f"{where} [daemon]")
     values: dict[str, Any] = {}
     for setting in SETTINGS:
         if setting.key in daemon:

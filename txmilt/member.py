@@ -27,6 +27,7 @@ from txmilt.messages import (
     Accept,
     Action,
     BodyChunk,
+    Command,
     Continue,
     EndOfHeaders,
     EndOfMessage,
@@ -35,10 +36,11 @@ from txmilt.messages import (
     ProtocolFlag,
     Reject,
     TempFail,
+    strip_leading_space,
 )
 from txmilt.milter import CALLBACKS, FILTER_VERDICTS, FilterVerdict, overrides
 from txmilt.session import MacroView, Requirements, can_answer
-from txmilt.spool import BodySpool
+from txmilt.spool import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, BodySpool
 
 _FALLBACKS = (TempFail, Accept, Continue, Reject)
 _CONTINUE = Continue()
@@ -220,6 +222,9 @@ class Context:
     connection_id: str = "-"
     observer: ChainObserver | None = None
     log: Logger = field(default_factory=lambda: Logger(namespace="txmilt.chain.Chain"))
+    #: Bytes of a buffered body kept in memory, then the most kept at all (``whole_body`` filters).
+    spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
 
 
 class Member:
@@ -293,6 +298,81 @@ class Member:
     def _idle(self, result: object, deferred: Deferred[Any]) -> None:
         if self.pending is deferred:
             self.pending = None
+
+    # -- what the filter is given
+
+    def argument(self, command: Command, rejected: bool) -> object | None:
+        """What this filter's callback is given for ``command`` now, or None if it is not called.
+
+        ``rejected``: the command is a recipient the MTA already refused. A
+        ``whole_body`` filter's chunks are buffered here.
+        """
+        kind = type(command)
+        if self.retired or self.retired_for_connection or kind not in self.profile.needs.receives:
+            return None
+        if kind is BodyChunk:
+            if self.skipping or self.replayed:
+                return None
+            if self.profile.whole_body:
+                self.buffer(command.data)  # type: ignore[union-attr]
+            return command if self.profile.calls_body else None
+        if kind is Header:
+            if self.replayed:
+                return None
+            if self.strip_space:
+                return Header(command.name, strip_leading_space(command.value))  # type: ignore[union-attr]
+            return command
+        if kind is EndOfHeaders:
+            return None if self.replayed else command
+        if rejected and not self.profile.requirements.protocol & ProtocolFlag.RCPT_REJECTED:
+            return None
+        return command
+
+    def buffer(self, data: bytes) -> None:
+        """Keep a body chunk for a ``whole_body`` filter, in memory, then in a temporary file."""
+        context = self.context
+        if self.spool is None:
+            self.spool = BodySpool(context.spool_threshold, context.max_body_size)
+        elif self.spool.trouble is not None:
+            return
+        if not self.spool.write(data):
+            context.log.error(
+                "[{conn}] filter {filter}: {trouble}; it gets its fallback {fallback!r} at end of message",
+                conn=context.connection_id, filter=self.name, trouble=self.spool.trouble,
+                fallback=self.spec.fallback,
+            )
+
+    def count(self, stage: str, verdict: FilterVerdict) -> None:
+        """Report a verdict to the observer."""
+        observer = self.context.observer
+        if observer is not None:
+            observer.verdict(self.name, stage, type(verdict).__name__, self.spec.dry_run)
+
+    def count_change(self, kind: str) -> None:
+        """Report one change to the observer."""
+        if self.context.observer is not None:
+            self.context.observer.change(self.name, kind, self.spec.dry_run)
+
+    def end_of_message(self, recorder: Any, macros: MacroView) -> FilterVerdict | Deferred[Any]:
+        """Call end_of_message, showing a ``whole_body`` filter its body first (its fallback if it has none)."""
+        if self.profile.whole_body and not self.replayed:
+            spool = self.spool
+            if spool is not None and spool.trouble is not None:
+                fallback, _ = self.fallback("end_of_message")
+                self._report("end_of_message", "body")
+                return fallback
+            self.show_body(spool.file() if spool is not None else BodySpool().file())
+        return self.call("end_of_message", recorder, macros)
+
+    def skip(self, reason: str) -> None:
+        """Log and count that this filter's ``when`` left it out (``reason``: the key that failed)."""
+        context = self.context
+        context.log.debug(
+            "[{conn}] filter {filter} sits this out: its when.{key} does not hold",
+            conn=context.connection_id, filter=self.name, key=reason,
+        )
+        if context.observer is not None:
+            context.observer.skipped(self.name, reason)
 
     # -- calling the filter
 

@@ -8,11 +8,12 @@ one its ``stop`` predicate picks (a refusal), cancelling the work after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 
 class Later:
@@ -129,3 +130,35 @@ class _Walk:
         pending, self.pending = self.pending, {}
         for deferred in pending.values():
             deferred.cancel()
+
+
+def all_of(pending: Sequence[Deferred[Any] | None]) -> Deferred[Any] | None:
+    """One Deferred for the work still pending (None where none is), never failing; None if nothing is."""
+    waiting = [d for d in pending if d is not None]
+    if not waiting:
+        return None
+    return gatherResults(waiting, consumeErrors=True).addErrback(lambda _: None)
+
+
+def both(first: Deferred[Any] | None, second: Deferred[Any] | None) -> Deferred[Any] | None:
+    """One Deferred for two pieces of work that may each be done already (None)."""
+    return all_of([first, second])
+
+
+class Keepalive:
+    """Calls ``tick`` every ``interval`` seconds until stopped: PROGRESS while end of message is pending."""
+
+    def __init__(self, clock: IReactorTime, interval: float, tick: Callable[[], None]) -> None:
+        self._clock, self._interval, self._tick = clock, interval, tick
+        self._call: IDelayedCall | None = clock.callLater(interval, self._fire)
+
+    def _fire(self) -> None:
+        self._tick()
+        self._call = self._clock.callLater(self._interval, self._fire)
+
+    def stop(self, result: object) -> object:
+        """Stop ticking; ``result`` passes through (use it as a Deferred's callback)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        return result

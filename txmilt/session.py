@@ -30,17 +30,11 @@ from txmilt.messages import (
     Abort,
     Accept,
     Action,
-    BodyChunk,
     Command,
-    Connect,
     ConnectionFail,
     Continue,
-    Data,
     Discard,
-    EndOfHeaders,
     EndOfMessage,
-    Header,
-    Helo,
     Macros,
     MailFrom,
     Negotiate,
@@ -49,13 +43,11 @@ from txmilt.messages import (
     ProtocolFlag,
     Quit,
     QuitNoClose,
-    RcptTo,
     Reject,
     Response,
     Shutdown,
     Skip,
     TempFail,
-    Unknown,
     required_action,
 )
 from txmilt.negotiation import NO_FLAG as NO_FLAG
@@ -66,38 +58,15 @@ from txmilt.negotiation import Requirements as Requirements
 from txmilt.negotiation import check_negotiation as check_negotiation
 from txmilt.negotiation import negotiate as negotiate
 from txmilt.negotiation import offered as offered
-
-
-class Stage(enum.Enum):
-    """Where a session stands (libmilter's states); named for the last command processed."""
-
-    INIT = "before OPTNEG"
-    OPTIONS = "after OPTNEG"
-    CONNECT = "CONNECT"
-    HELO = "HELO"
-    MAIL = "MAIL"
-    RCPT = "RCPT"
-    DATA = "DATA"
-    HEADERS = "HEADER"
-    END_OF_HEADERS = "EOH"
-    BODY = "BODY"
-    END_OF_MESSAGE = "end of message"
-    UNKNOWN = "UNKNOWN"
-    CLOSED = "closed"
-
-    #: Members are singletons compared by identity: hash them so too (Enum's own hash is Python code).
-    __hash__ = object.__hash__
-
-
-class Scope(enum.Enum):
-    """What a final reply closes, as the MTA acts on it."""
-
-    #: Nothing: the message (if any) goes on.
-    NONE = "nothing"
-    #: The message: it is over (accepted, refused, discarded, or answered at its end).
-    MESSAGE = "the message"
-    #: The SMTP session: an answer at CONNECT or HELO covers every later command.
-    CONNECTION = "the connection"
+from txmilt.states import ANSWERS as ANSWERS
+from txmilt.states import CLOSES as CLOSES
+from txmilt.states import COMMAND_NAMES as COMMAND_NAMES
+from txmilt.states import TRANSITIONS as TRANSITIONS
+from txmilt.states import Scope as Scope
+from txmilt.states import Stage as Stage
+from txmilt.states import can_answer as can_answer
+from txmilt.states import closes as closes
+from txmilt.states import describe, transitions
 
 
 class _NeedData(enum.Enum):
@@ -129,99 +98,6 @@ class Notice:
 MilterEvent = Command | Disconnected | Notice
 MTAEvent = Response | Disconnected
 
-#: Protocol names of the commands, for messages (PROTOCOL.md §2.1).
-COMMAND_NAMES: Final[Mapping[type, str]] = {
-    Negotiate: "OPTNEG",
-    Macros: "MACRO",
-    Connect: "CONNECT",
-    Helo: "HELO",
-    MailFrom: "MAIL",
-    RcptTo: "RCPT",
-    Data: "DATA",
-    Header: "HEADER",
-    EndOfHeaders: "EOH",
-    BodyChunk: "BODY",
-    EndOfMessage: "BODYEOB",
-    Unknown: "UNKNOWN",
-    Abort: "ABORT",
-    Quit: "QUIT",
-    QuitNoClose: "QUIT_NC",
-}
-
-
-def _describe(command: Command) -> str:
-    """``RCPT ('R')``: how messages name a command."""
-    return f"{COMMAND_NAMES[type(command)]} ({command.letter!r})"
-
-
-# ------------------------------------------------------------------ the tables
-#
-# Three tables say everything about order and lifecycle; nothing else in txmilt decides them.
-
-#: Where each command may come and which stage it leads to: libmilter's state table
-#: (PROTOCOL.md §5.2). ABORT, QUIT, QUIT_NC and MACRO are not stages; see ``_Session._order``.
-TRANSITIONS: Final[Mapping[Stage, Mapping[type, Stage]]] = {
-    Stage.INIT: {Negotiate: Stage.OPTIONS},
-    Stage.OPTIONS: {Connect: Stage.CONNECT, Unknown: Stage.UNKNOWN},
-    Stage.CONNECT: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
-    Stage.HELO: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
-    Stage.MAIL: {RcptTo: Stage.RCPT, Unknown: Stage.UNKNOWN},
-    Stage.RCPT: {
-        RcptTo: Stage.RCPT, Data: Stage.DATA, Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS,
-        BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE, Unknown: Stage.UNKNOWN,
-    },
-    Stage.DATA: {Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS},
-    Stage.HEADERS: {Header: Stage.HEADERS, EndOfHeaders: Stage.END_OF_HEADERS},
-    Stage.END_OF_HEADERS: {BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE},
-    Stage.BODY: {BodyChunk: Stage.BODY, EndOfMessage: Stage.END_OF_MESSAGE},
-    Stage.END_OF_MESSAGE: {MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
-    # After UNKNOWN libmilter takes any of these, wherever UNKNOWN came from.
-    Stage.UNKNOWN: {
-        Helo: Stage.HELO, MailFrom: Stage.MAIL, RcptTo: Stage.RCPT, Data: Stage.DATA, BodyChunk: Stage.BODY,
-        Unknown: Stage.UNKNOWN,
-    },
-    Stage.CLOSED: {},
-}
-
-#: What a final reply closes, by the command it answers and the verdict (PROTOCOL.md §5.3, and
-#: libmilter's state after the reply). Missing pairs close nothing. A refused recipient or
-#: unknown command leaves the message open; an answer at CONNECT or HELO covers the connection.
-_ACCEPT_OR_REFUSE: Final = (Accept, Reject, TempFail, Shutdown)
-_MESSAGE_VERDICTS: Final = (*_ACCEPT_OR_REFUSE, Discard)
-CLOSES: Final[Mapping[type, Mapping[type, Scope]]] = {
-    Connect: dict.fromkeys(_ACCEPT_OR_REFUSE, Scope.CONNECTION),
-    Helo: dict.fromkeys(_ACCEPT_OR_REFUSE, Scope.CONNECTION),
-    MailFrom: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
-    RcptTo: {Accept: Scope.MESSAGE},
-    Data: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
-    Header: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
-    EndOfHeaders: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
-    BodyChunk: dict.fromkeys(_MESSAGE_VERDICTS, Scope.MESSAGE),
-    EndOfMessage: dict.fromkeys((Continue, *_MESSAGE_VERDICTS), Scope.MESSAGE),
-    Unknown: {Accept: Scope.MESSAGE},
-}
-
-#: Which final verdicts may answer which commands (negotiated flags aside): SKIP answers only
-#: BODY; DISCARD only commands of a message; the rest answer anything.
-ANSWERS: Final[Mapping[type, frozenset[type]]] = {
-    Skip: frozenset({BodyChunk}),
-    Discard: frozenset({MailFrom, RcptTo, Data, Header, EndOfHeaders, BodyChunk, EndOfMessage, Unknown}),
-}
-
-
-def closes(command: type, verdict: type) -> Scope:
-    """What a final ``verdict`` answering ``command`` closes (the CLOSES table)."""
-    return CLOSES.get(command, _NOTHING).get(verdict, Scope.NONE)
-
-
-def can_answer(command: type, verdict: type) -> bool:
-    """Whether a verdict of this kind may answer this kind of command (the ANSWERS table)."""
-    allowed = ANSWERS.get(verdict)
-    return allowed is None or command in allowed
-
-
-_NOTHING: Final[Mapping[type, Scope]] = {}
-
 # Macro sets libmilter keeps, by command letter, in lookup order (latest stage first).
 _MACRO_LETTERS: Final = "ENTRMHC"
 # Sets discarded when a command of this letter is processed: every later stage.
@@ -251,45 +127,10 @@ class LimitExceeded:
         return f"{self.what} {self.value} above the limit of {self.limit}"
 
 
-# The stage a command of each kind leads to from TRANSITIONS, for walking over switched-off stages.
-_SKIPPED_BY: Final[Mapping[Stage, ProtocolFlag]] = {
-    Stage.CONNECT: ProtocolFlag.NO_CONNECT,
-    Stage.HELO: ProtocolFlag.NO_HELO,
-    Stage.MAIL: ProtocolFlag.NO_MAIL,
-    Stage.RCPT: ProtocolFlag.NO_RCPT,
-    Stage.DATA: ProtocolFlag.NO_DATA,
-    Stage.HEADERS: ProtocolFlag.NO_HEADERS,
-    Stage.END_OF_HEADERS: ProtocolFlag.NO_EOH,
-    Stage.BODY: ProtocolFlag.NO_BODY,
-}
-
-
-@functools.lru_cache(maxsize=64)
-def _transitions(skipped: ProtocolFlag) -> Mapping[Stage, Mapping[type, Stage]]:
-    """TRANSITIONS with the stages switched off by NO flags walked over, as libmilter does.
-
-    A command may also come where the MTA, not sending the switched-off ones, goes
-    straight on: with NO_RCPT, DATA may follow MAIL.
-    """
-    skip = {stage for stage, flag in _SKIPPED_BY.items() if flag & skipped}
-
-    def reach(stage: Stage, seen: frozenset[Stage]) -> dict[type, Stage]:
-        out = dict(TRANSITIONS[stage])
-        for target in set(TRANSITIONS[stage].values()) & skip:
-            if target not in seen:
-                for command, successor in reach(target, seen | {target}).items():
-                    out.setdefault(command, successor)
-        return out
-
-    return {stage: reach(stage, frozenset({stage})) for stage in Stage}
-
-
 @functools.lru_cache(maxsize=64)
 def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
     """The commands whose reply ``protocol`` switches off (one shared set per flag value)."""
     return frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if protocol & flag)
-
-
 
 
 _REPLIES_SENT: dict[tuple[Negotiate, int], tuple[NegotiateReply, bytes]] = {}
@@ -331,7 +172,7 @@ class _Session:
         self.stage = Stage.INIT
         self.offer: Negotiate | None = None
         self.negotiated: NegotiateReply | None = None
-        self._transitions = _transitions(ProtocolFlag.NONE)
+        self._transitions = transitions(ProtocolFlag.NONE)
         self._silent: frozenset[type] = frozenset()
         self._awaiting: Command | None = None
         self._message_open = False
@@ -365,7 +206,7 @@ class _Session:
 
     def _set_negotiated(self, offer: Negotiate, reply: NegotiateReply) -> None:
         self.offer, self.negotiated = offer, reply
-        self._transitions = _transitions(reply.protocol)
+        self._transitions = transitions(reply.protocol)
         self._silent = _silenced(reply.protocol)
         self.stage = Stage.OPTIONS
 
@@ -386,14 +227,14 @@ class _Session:
                 self._message_open = True
             return [command]
         if stage is Stage.CLOSED:
-            raise error(f"{_describe(command)} after the session closed")
+            raise error(f"{describe(command)} after the session closed")
         if stage is Stage.INIT and kind is not Negotiate:
-            raise error(f"{_describe(command)} in stage {stage.value}")
+            raise error(f"{describe(command)} in stage {stage.value}")
         if kind is Macros:
             return [command]
         if kind is Negotiate:
             if stage is not Stage.INIT:
-                raise error(f"second {_describe(command)} in stage {stage.value}")
+                raise error(f"second {describe(command)} in stage {stage.value}")
             return [command]  # the stage moves when the reply is sent
         if kind is Abort:
             if not self._message_open:
@@ -414,7 +255,7 @@ class _Session:
             return [command]
         target = self._transitions[Stage.HELO].get(kind)
         if target is None:
-            raise error(f"{_describe(command)} not allowed in stage {stage.value}")
+            raise error(f"{describe(command)} not allowed in stage {stage.value}")
         # libmilter's fallback: abandon the open message, if any, and take the command as after HELO.
         events = [Abort()] if self._message_open else []
         self._message_open = kind is MailFrom
@@ -440,19 +281,19 @@ class _Session:
         if command is None:
             raise error(f"{name} sent while no reply is owed (stage {self.stage.value})")
         if isinstance(command, Negotiate) != isinstance(response, NegotiateReply):
-            raise error(f"{name} cannot answer {_describe(command)}")
+            raise error(f"{name} cannot answer {describe(command)}")
         if isinstance(response, _ALWAYS_ALLOWED):
             return command
         if isinstance(response, ConnectionFail):
             raise error("CONN_FAIL ('f') is handled by no MTA and must not be sent")
         if isinstance(response, Skip | Discard):
             if not can_answer(type(command), type(response)):
-                raise error(f"{name.upper()} cannot answer {_describe(command)}")
+                raise error(f"{name.upper()} cannot answer {describe(command)}")
             if isinstance(response, Skip) and not self.protocol & ProtocolFlag.SKIP:
                 raise error("SKIP was not negotiated")
             return command
         if not isinstance(command, EndOfMessage):
-            raise error(f"{name} only allowed at end of message, not in reply to {_describe(command)}")
+            raise error(f"{name} only allowed at end of message, not in reply to {describe(command)}")
         needed = required_action(response)
         if not self.actions & needed:
             raise error(f"{name} needs action {needed.name}, which was not negotiated")
@@ -678,7 +519,7 @@ class MTASession(_Session):
             raise LocalProtocolError(f"{command!r} sent while the reply to {self._awaiting!r} is owed")
         if not self.wants(type(command)):
             flag = NO_FLAG[type(command)]
-            raise LocalProtocolError(f"the milter switched {_describe(command)} off ({flag.name})")
+            raise LocalProtocolError(f"the milter switched {describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
         if isinstance(command, Abort | Quit | QuitNoClose):
