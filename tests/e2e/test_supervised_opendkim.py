@@ -25,17 +25,22 @@ from .postfix import pid_alive
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def signer() -> Iterator[OpenDKIM]:
-    """An OpenDKIM key and config for example.org (not started: the daemon runs it)."""
+def _keys(selector: str) -> Iterator[OpenDKIM]:
+    """An OpenDKIM key and config for example.org under ``selector`` (not started: the daemon runs it)."""
     reason = opendkim_available()
     if reason is not None:
         pytest.skip(reason)
-    keys = OpenDKIM(domain="example.org", selector="txmilt")
+    keys = OpenDKIM(domain="example.org", selector=selector)
     try:
         yield keys
     finally:
         keys.cleanup()
+
+
+@pytest.fixture(scope="module")
+def signer() -> Iterator[OpenDKIM]:
+    """An OpenDKIM key and config for example.org (not started: the daemon runs it)."""
+    yield from _keys("txmilt")
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +99,7 @@ def test_supervised_opendkim_signs_and_comes_back(bench: Bench, signer: OpenDKIM
 @pytest.fixture(scope="module")
 def user_signer() -> Iterator[OpenDKIM]:
     """A second OpenDKIM key and config (its own port), for the daemon below to run."""
-    reason = opendkim_available()
-    if reason is not None:
-        pytest.skip(reason)
-    keys = OpenDKIM(domain="example.org", selector="users")
-    try:
-        yield keys
-    finally:
-        keys.cleanup()
+    yield from _keys("users")
 
 
 @pytest.fixture(scope="module")
