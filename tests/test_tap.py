@@ -384,7 +384,7 @@ class OptionErrorTests(TempDirMixin):
         self.assertEqual(
             self.twistd_stderr(["--metrics", "tcp:0", "-f", STAMP]),
             "twistd milter: metrics need the prometheus_client package, which is not installed:"
-            " pip install 'txmilt[metrics]'\n",
+            " pip install prometheus_client (txmilt's 'metrics' extra)\n",
         )
 
     def test_no_metrics_without_prometheus_client(self) -> None:

@@ -120,7 +120,8 @@ class DaemonConfig:
     )
     metrics: str | None = _setting(
         None, "address",
-        "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1); needs pip install 'txmilt[metrics]'.",
+        "Serve Prometheus metrics here (e.g. tcp:9108:interface=127.0.0.1); needs prometheus_client"
+        " (txmilt's 'metrics' extra).",
     )
     frame_limit: int = _setting(
         DEFAULT_FRAME_LIMIT, "count",
@@ -390,7 +391,8 @@ def _require_metrics() -> None:
         import prometheus_client  # noqa: F401
     except ImportError:
         raise ConfigurationError(
-            "metrics need the prometheus_client package, which is not installed: pip install 'txmilt[metrics]'"
+            "metrics need the prometheus_client package, which is not installed:"
+            " pip install prometheus_client (txmilt's 'metrics' extra)"
         ) from None
 
 

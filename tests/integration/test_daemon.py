@@ -436,7 +436,7 @@ def test_metrics_need_prometheus_client(daemon: Callable[[str], Daemon], sock_di
     assert milter.wait(30) == 1, milter.output()
     assert milter.stderr.read_text() == (
         "twistd milter: metrics need the prometheus_client package, which is not installed:"
-        " pip install 'txmilt[metrics]'\n"
+        " pip install prometheus_client (txmilt's 'metrics' extra)\n"
     )
     assert not accepts(lambda: tcp_connect(port))
     assert not sock.exists()
