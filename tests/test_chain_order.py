@@ -286,6 +286,36 @@ class DryRunTests(SynchronousTestCase):
         gate.callback(Reject())
         self.assertEqual(slow.names, ["connect", "helo", "mail_from"])
 
+    def test_one_callback_at_a_time(self) -> None:
+        """Work queued behind a slow callback that is itself slow keeps the next one waiting."""
+        helo_gate: Deferred[Any] = Deferred()
+        mail_gate: Deferred[Any] = Deferred()
+        slow = RecordingMilter({"helo": lambda c: helo_gate, "mail_from": lambda c: mail_gate})
+        mta = chain(FilterSpec(lambda: slow, name="slow", dry_run=True), RecordingMilter)
+        mta.connect()
+        mta.helo()
+        mta.mail_from("<a@example.com>")
+        self.assertEqual(slow.names, ["connect", "helo"])
+        helo_gate.callback(None)
+        self.assertEqual(slow.names, ["connect", "helo", "mail_from"])
+        mta.rcpt_to("<b@example.net>")
+        self.assertEqual(slow.names, ["connect", "helo", "mail_from"])  # RCPT waits for MAIL
+        mail_gate.callback(None)
+        self.assertEqual(slow.names, ["connect", "helo", "mail_from", "rcpt_to"])
+
+    def test_close_drops_queued_work(self) -> None:
+        """Closing the connection cancels the running callback and runs nothing queued behind it."""
+        gate: Deferred[Any] = Deferred()
+        slow = RecordingMilter({"helo": lambda c: gate})
+        mta = chain(FilterSpec(lambda: slow, name="slow", dry_run=True), RecordingMilter)
+        mta.connect()
+        mta.helo()
+        mta.mail_from("<a@example.com>")
+        mta.disconnect()
+        self.assertEqual(slow.names[:2], ["connect", "helo"])
+        self.assertNotIn("mail_from", slow.names)
+        self.assertTrue(gate.called)
+
 
 class EmptyValueTests(SynchronousTestCase):
     def test_empty_header_keeps_its_space(self) -> None:

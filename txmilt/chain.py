@@ -548,9 +548,7 @@ class Chain:
             if member.closed:
                 continue
             member.closed = True
-            if member.pending is not None:
-                member.pending.cancel()
-                member.pending = None
+            member.stop_queue()
             closed = member.call_quietly("close")
             if closed is not None:
                 pending.append(closed)

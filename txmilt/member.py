@@ -9,6 +9,7 @@ per factory; a ``Member`` is one filter instance on one connection, and
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Protocol, cast
@@ -231,7 +232,7 @@ class Member:
     """One filter instance on one connection, with its per-message state."""
 
     __slots__ = (
-        "add_space", "closed", "context", "failed", "milter", "pending", "profile", "replayed", "retired",
+        "add_space", "closed", "context", "failed", "milter", "pending", "profile", "queued", "replayed", "retired",
         "retired_for_connection", "skipping", "spec", "spool", "strip_space",
     )
 
@@ -253,8 +254,9 @@ class Member:
         self.closed = False
         #: The body buffered for a ``whole_body`` filter.
         self.spool: BodySpool | None = None
-        #: A dry-run filter's unfinished work; its next callback waits for it.
+        #: A dry-run filter's running work, and the work waiting for it, in order.
         self.pending: Deferred[Any] | None = None
+        self.queued: deque[Callable[[], object]] = deque()
         #: It is shown the message content at end of message, as the filters before it left it.
         self.replayed = False
 
@@ -287,17 +289,32 @@ class Member:
         A dry-run filter is never waited for: its callbacks run in their own time,
         one after another, through this queue.
         """
-        if self.pending is None:
+        if self.pending is not None:
+            self.queued.append(work)
+            return
+        while True:
             result = work()
             if isinstance(result, Deferred) and not result.called:
                 self.pending = result
-                result.addBoth(self._idle, result)
-            return
-        self.pending.addBoth(lambda _: work())
+                result.addBoth(self._next, result)
+                return
+            if not self.queued:
+                return
+            work = self.queued.popleft()
 
-    def _idle(self, result: object, deferred: Deferred[Any]) -> None:
+    def _next(self, result: object, deferred: Deferred[Any]) -> object:
         if self.pending is deferred:
             self.pending = None
+            if self.queued:
+                self.enqueue(self.queued.popleft())
+        return result
+
+    def stop_queue(self) -> None:
+        """Drop the queued work and cancel the running one."""
+        self.queued.clear()
+        running, self.pending = self.pending, None
+        if running is not None:
+            running.cancel()
 
     # -- what the filter is given
 
