@@ -9,7 +9,7 @@ the filters before it left it (``after_changes``, and every filter after the
 first in sequential order) is shown the content at end of message, replayed
 from the chain's copy with the earlier filters' changes applied.
 
-When a message starts and ends is the session's to say (``session.CLOSES``);
+When a message starts and ends is the session's to say (``states.CLOSES``);
 the chain only reacts: MAIL starts one, ABORT and the replies that close it
 end it. The pure merges live in ``txmilt.merge``, calling one filter safely in
 ``txmilt.member``, settling answers in order in ``txmilt.order``.
@@ -77,6 +77,7 @@ __all__ = [
     "Lineup",
     "Outcome",
     "as_spec",
+    "check_chain_order",
     "verify_filters",
 ]
 
@@ -85,6 +86,14 @@ Outcome: TypeAlias = "Sequence[Response] | Deferred[Sequence[Response]]"
 
 #: The orders a chain can run its filters in.
 CHAIN_ORDERS = ("concurrent", "sequential")
+#: The verdicts that let a message go on.
+_GOES_ON = (Continue, Accept)
+
+
+def check_chain_order(value: str, label: str = "chain_order") -> None:
+    """ConfigurationError unless ``value`` is one of CHAIN_ORDERS."""
+    if value not in CHAIN_ORDERS:
+        raise ConfigurationError(f"{label} must be one of {', '.join(CHAIN_ORDERS)}, not {value!r}")
 
 #: The answer to a message over a per-message limit, by what was counted.
 OVER_LIMIT_REPLIES = {
@@ -124,7 +133,7 @@ class Chain:
 
     __slots__ = (
         "_closed", "_conditional", "_context", "_copy", "_in_flight", "_lineup", "_members",
-        "_negotiated", "_offer", "_progress_interval", "_refused_over_limit", "_sequential",
+        "_offer", "_progress_interval", "_refused_over_limit", "_sequential",
         "_skip_allowed", "send_progress",
     )
 
@@ -143,8 +152,7 @@ class Chain:
         body_spool_threshold: int = DEFAULT_BODY_SPOOL_THRESHOLD,
         chain_order: str = "concurrent",
     ) -> None:
-        if chain_order not in CHAIN_ORDERS:
-            raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
+        check_chain_order(chain_order)
         self._lineup = filters if isinstance(filters, Lineup) else Lineup(filters)
         self._sequential = chain_order == "sequential"
         self._context = Context(clock, connection_id, observer, _MEMBERS_LOG, body_spool_threshold, max_body_size)
@@ -152,7 +160,6 @@ class Chain:
         self.send_progress = send_progress
         self._members = self._make_members()
         self._conditional = any(spec.conditions is not None for spec in self._lineup.specs)
-        self._negotiated: NegotiateReply | None = None
         self._offer: Negotiate | None = None
         self._copy = MessageCopy(body_spool_threshold, max_body_size)
         self._skip_allowed = False  # SKIP negotiated, and no copy of the body needed
@@ -178,23 +185,16 @@ class Chain:
         for index, member in enumerate(self._members):
             member.replayed = index in shown_later
         self._offer = offer
-        self.accept_negotiation(reply)
-        return reply
-
-    def accept_negotiation(self, reply: NegotiateReply) -> None:
-        """Adapt the filters to what was negotiated (leading space per filter).
-
-        A filter with a ``negotiated(offer, reply)`` method learns the MTA's offer
-        and the chain's reply (RemoteMilter uses it to offer its peer the same version).
-        """
-        self._negotiated = reply
+        # Leading space per filter; a filter with ``negotiated(offer, reply)`` learns both (RemoteMilter
+        # offers its peer the same version).
         leading = bool(reply.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
         for member in self._members:
             wants = bool(member.profile.requirements.protocol & ProtocolFlag.HEADER_LEADING_SPACE)
             member.strip_space = member.add_space = leading and not wants
             hook = getattr(member.milter, "negotiated", None)
-            if callable(hook) and self._offer is not None:
-                hook(self._offer, reply)
+            if callable(hook):
+                hook(offer, reply)
+        return reply
 
     # -- dispatch
 
@@ -228,7 +228,7 @@ class Chain:
         if isinstance(command, QuitNoClose):
             self._members = self._make_members()
             self._closed = False
-            if self._negotiated is not None and self._offer is not None:
+            if self._offer is not None:
                 self.negotiate(self._offer)
         return outcome
 
@@ -470,7 +470,7 @@ class Chain:
             member.count("end_of_message", verdict)
             if isinstance(verdict, REFUSALS):
                 return True
-            if not member.failed and isinstance(verdict, Continue | Accept):
+            if not member.failed and isinstance(verdict, _GOES_ON):
                 merger.add(member.name, recorder, saw_edits=member.replayed)
                 if self._context.observer is not None:
                     for kind in describe(recorder):
@@ -524,7 +524,7 @@ class Chain:
             member.count("end_of_message", verdict)
             if member.failed:
                 return
-            if not isinstance(verdict, Continue | Accept) or not recorder.empty:
+            if not isinstance(verdict, _GOES_ON) or not recorder.empty:
                 self.log.info(
                     "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
                     conn=self.connection_id, filter=member.name, verdict=verdict, changes=describe(recorder),

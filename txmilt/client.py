@@ -50,7 +50,8 @@ from txmilt.messages import (
     TempFail,
     Verdict,
 )
-from txmilt.session import COMMAND_NAMES, NEED_DATA, Disconnected, MTASession
+from txmilt.session import NEED_DATA, Disconnected, MTASession
+from txmilt.states import describe
 
 #: Seconds to wait for each reply (Postfix's milter_command_timeout); a PROGRESS restarts it.
 DEFAULT_TIMEOUT: Final = 30.0
@@ -96,10 +97,6 @@ class _Request:
         self.progress = 0
         self.quarantine: str | None = None
         self.abandoned = False
-
-
-def _name(command: Command) -> str:
-    return f"{COMMAND_NAMES[type(command)]} ({command.letter!r})"
 
 
 class MilterClient(Protocol):
@@ -170,7 +167,7 @@ class MilterClient(Protocol):
         ``on_progress`` is called for each PROGRESS packet as it arrives.
         """
         if isinstance(command, Negotiate | Macros):
-            raise LocalProtocolError(f"send {_name(command)} with negotiate() or as macros=, not send()")
+            raise LocalProtocolError(f"send {describe(command)} with negotiate() or as macros=, not send()")
         packet = None
         if macros is not None:
             pairs = tuple(macros.items()) if isinstance(macros, Mapping) else tuple(macros)
@@ -221,7 +218,7 @@ class MilterClient(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         if self._error is None:
-            waiting = f" while {_name(self._current.command)} awaited its reply" if self._current else ""
+            waiting = f" while {describe(self._current.command)} awaited its reply" if self._current else ""
             self._fail_all(MilterUnavailableError(
                 f"milter closed the connection{waiting}: {reason.getErrorMessage()}"
             ))
@@ -338,7 +335,7 @@ class MilterClient(Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         request = self._current
-        name = _name(request.command) if request is not None else "a command"
+        name = describe(request.command) if request is not None else "a command"
         self.log.debug("milter gave no reply to {command} within {timeout}s; dropping it",
                        command=name, timeout=self.timeout)
         self._drop(

@@ -268,7 +268,7 @@ def _strings(letter: str, payload: bytes, name: str) -> list[str]:
         raise RemoteProtocolError(f"{name} ({letter!r}) needs a payload but has none")
     if payload[-1] != 0:
         raise RemoteProtocolError(f"{name} ({letter!r}) payload does not end with NUL")
-    return [decode_text(part) for part in payload[:-1].split(b"\0")]
+    return decode_text(payload[:-1]).split("\0")  # NUL is one byte in UTF-8: decoding once is the same
 
 
 def _exactly(letter: str, payload: bytes, name: str, count: int) -> list[str]:
@@ -390,19 +390,13 @@ def _dec_connect(payload: bytes) -> Connect:
 
 def _dec_envelope(cls: type[MailFrom] | type[RcptTo], name: str) -> Callable[[bytes], MailFrom | RcptTo]:
     def decode(payload: bytes) -> MailFrom | RcptTo:
-        if payload[-1:] == b"\0":
-            address, *args = payload[:-1].decode("utf-8", "surrogateescape").split("\0")
-            return cls(address, tuple(args))
-        address, *args = _strings(cls.letter, payload, name)  # raises the error that says what is wrong
+        address, *args = _strings(cls.letter, payload, name)
         return cls(address, tuple(args))
 
     return decode
 
 
 def _dec_header(payload: bytes) -> Header:
-    if payload[-1:] == b"\0" and payload.count(0) == 2 and payload[0]:
-        name, value, _ = payload.decode("utf-8", "surrogateescape").split("\0")
-        return Header(name, value)
     name, value = _exactly("L", payload, "HEADER", 2)
     if not name:
         raise RemoteProtocolError("HEADER ('L') has an empty name")

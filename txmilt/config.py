@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
-from txmilt.chain import CHAIN_ORDERS, DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec
+from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec, check_chain_order
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
 from txmilt.filtertable import FALLBACKS as FALLBACKS
@@ -68,11 +68,6 @@ def _not_negative(label: str, value: float) -> None:
 def _at_least_one(label: str, value: int) -> None:
     if value < 1:
         raise ConfigurationError(f"{label} must be at least 1")
-
-
-def _chain_order(label: str, value: str) -> None:
-    if value not in CHAIN_ORDERS:
-        raise ConfigurationError(f"{label} must be one of {', '.join(CHAIN_ORDERS)}, not {value!r}")
 
 
 def _workers(label: str, value: int | str) -> None:
@@ -176,7 +171,7 @@ class DaemonConfig:
         "How the filters take each command: concurrent (all at once; the first refusal in filter order answers)"
         " or sequential (one after another, stopping at the first refusal, exactly as Postfix's smtpd_milters)"
         " (default {default}).",
-        check=_chain_order, factory=True,
+        check=lambda label, value: check_chain_order(value, label), factory=True,
     )
     drain_timeout: float = _setting(
         30.0, "seconds", "On SIGTERM, wait this long for open connections (default {default}).", check=_not_negative,

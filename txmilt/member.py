@@ -176,8 +176,6 @@ class Lineup:
             else tuple(as_spec(f) for f in filters)
         )
         self._profiles: list[Profile | None] = [None] * len(self.specs)
-        #: Scratch space for the chain's per-lineup caches (its negotiation replies).
-        self.cache: dict[Any, Any] = {}
 
     @classmethod
     def verified(cls, filters: Sequence[FilterSpec | Callable[[], IMilter]]) -> Lineup:

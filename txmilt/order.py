@@ -38,6 +38,10 @@ class Walked:
 _PENDING: Any = object()
 
 
+#: What an answer not yet settled may be.
+_LATER = (Deferred, Later)
+
+
 def walk(results: list[Any], stop: Callable[[int, Any], bool]) -> Walked | Deferred[Walked]:
     """Settle ``results`` in order; ``stop(index, verdict)``, called once per settled answer in order, ends it.
 
@@ -45,7 +49,7 @@ def walk(results: list[Any], stop: Callable[[int, Any], bool]) -> Walked | Defer
     the list is used up. Cancelling the returned Deferred cancels the work still
     pending and starts no more.
     """
-    if not any(isinstance(result, Deferred | Later) for result in results):
+    if not any(isinstance(result, _LATER) for result in results):
         for index, verdict in enumerate(results):  # every filter answered at once: no bookkeeping
             if stop(index, verdict):
                 return Walked(results[: index + 1])

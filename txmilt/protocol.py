@@ -19,16 +19,16 @@ from twisted.python.failure import Failure
 from typing_extensions import override
 
 from txmilt.chain import (
-    CHAIN_ORDERS,
     DEFAULT_BODY_SPOOL_THRESHOLD,
     DEFAULT_MAX_BODY_SIZE,
     Chain,
     ChainObserver,
     FilterSpec,
     Lineup,
+    check_chain_order,
 )
 from txmilt.codec import DEFAULT_FRAME_LIMIT
-from txmilt.errors import ConfigurationError, NegotiationError, RemoteProtocolError
+from txmilt.errors import NegotiationError, RemoteProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.messages import Negotiate, Progress, Quit, QuitNoClose, Response
 from txmilt.session import (
@@ -50,6 +50,8 @@ DEFAULT_NEGOTIATION_TIMEOUT = 10.0
 DEFAULT_MAX_CONNECTIONS = 2000
 #: Seconds between keep-alives (SMFIR_PROGRESS) while a slow end of message is pending.
 DEFAULT_PROGRESS_INTERVAL = 10.0
+#: Linux's socket option for acknowledging at once (None elsewhere).
+_TCP_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 class VerifiedFilters(tuple[FilterSpec, ...]):
@@ -212,11 +214,10 @@ class MilterProtocol(Protocol):
         switched off). TCP_QUICKACK set after a read sends the pending ACK.
         """
         sock = self._socket
-        quickack = getattr(socket, "TCP_QUICKACK", None)
-        if sock is None or quickack is None:
+        if sock is None or _TCP_QUICKACK is None:
             return
         with contextlib.suppress(OSError):  # the connection is going away; its transport will say so
-            sock.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
 
     @override
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -496,8 +497,7 @@ class MilterFactory(Factory):
         #: The filters in chain order, with what each declares.
         self.lineup = lineup
         self.filters: tuple[FilterSpec, ...] = lineup.specs
-        if chain_order not in CHAIN_ORDERS:
-            raise ConfigurationError(f"chain_order must be one of {', '.join(CHAIN_ORDERS)}, not {chain_order!r}")
+        check_chain_order(chain_order)
         self.chain_order = chain_order
         self.clock: IReactorTime = clock
         self.frame_limit = frame_limit

@@ -58,10 +58,7 @@ from txmilt.negotiation import Requirements as Requirements
 from txmilt.negotiation import check_negotiation as check_negotiation
 from txmilt.negotiation import negotiate as negotiate
 from txmilt.negotiation import offered as offered
-from txmilt.states import ANSWERS as ANSWERS
-from txmilt.states import CLOSES as CLOSES
 from txmilt.states import COMMAND_NAMES as COMMAND_NAMES
-from txmilt.states import TRANSITIONS as TRANSITIONS
 from txmilt.states import Scope as Scope
 from txmilt.states import Stage as Stage
 from txmilt.states import can_answer as can_answer
@@ -106,6 +103,7 @@ _MACRO_CLEARS: Final[Mapping[str, str]] = {"C": "HMRTNE", "H": "MRTNE", "M": "RT
 _FINAL: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
 _ALWAYS_ALLOWED: Final = (NegotiateReply, Progress, Continue, Accept, Reject, TempFail, Shutdown)
 _NO_REPLY_COMMANDS: Final = (Macros, Abort, Quit, QuitNoClose)
+_ENDINGS: Final = (Abort, Quit, QuitNoClose)
 #: The CONTINUE packet, the answer to almost every command.
 _CONTINUE_FRAME: Final = b"\x00\x00\x00\x01c"
 
@@ -220,7 +218,7 @@ class _Session:
         """Move the stage for ``command`` (TRANSITIONS); the events it stands for (an implicit abort first)."""
         stage = self.stage
         kind = type(command)
-        target = self._transitions[stage].get(kind) if kind is not Negotiate else None
+        target = self._transitions[stage].get(kind)
         if target is not None:  # the common case: a command of a stage, where it may come
             self.stage = target
             if kind is MailFrom:
@@ -247,12 +245,6 @@ class _Session:
             self._message_open = False
             self.stage = Stage.CLOSED if kind is Quit else Stage.OPTIONS
             return [*events, command]
-        target = self._transitions[stage].get(kind)
-        if target is not None:
-            self.stage = target
-            if kind is MailFrom:
-                self._message_open = True
-            return [command]
         target = self._transitions[Stage.HELO].get(kind)
         if target is None:
             raise error(f"{describe(command)} not allowed in stage {stage.value}")
@@ -522,7 +514,7 @@ class MTASession(_Session):
             raise LocalProtocolError(f"the milter switched {describe(command)} off ({flag.name})")
         data = encode(command)
         self._order(command, LocalProtocolError)
-        if isinstance(command, Abort | Quit | QuitNoClose):
+        if isinstance(command, _ENDINGS):
             self._awaiting = None
         if isinstance(command, Negotiate):
             self.offer = command

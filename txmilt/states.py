@@ -101,7 +101,7 @@ def describe(command: Command) -> str:
 #: Where each command may come and which stage it leads to: libmilter's state table
 #: (PROTOCOL.md §5.2). ABORT, QUIT, QUIT_NC and MACRO are not stages; see ``_Session._order``.
 TRANSITIONS: Final[Mapping[Stage, Mapping[type, Stage]]] = {
-    Stage.INIT: {Negotiate: Stage.OPTIONS},
+    Stage.INIT: {},  # OPTNEG moves the stage to OPTIONS when its reply is sent
     Stage.OPTIONS: {Connect: Stage.CONNECT, Unknown: Stage.UNKNOWN},
     Stage.CONNECT: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
     Stage.HELO: {Helo: Stage.HELO, MailFrom: Stage.MAIL, Unknown: Stage.UNKNOWN},
@@ -163,7 +163,7 @@ def can_answer(command: type, verdict: type) -> bool:
 _NOTHING: Final[Mapping[type, Scope]] = {}
 
 
-# The stage a command of each kind leads to from TRANSITIONS, for walking over switched-off stages.
+# The NO flag that switches each stage off, for walking over it in ``transitions``.
 _SKIPPED_BY: Final[Mapping[Stage, ProtocolFlag]] = {
     Stage.CONNECT: ProtocolFlag.NO_CONNECT,
     Stage.HELO: ProtocolFlag.NO_HELO,
