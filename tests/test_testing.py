@@ -52,6 +52,7 @@ from txmilt.messages import (
     Unknown,
 )
 from txmilt.milter import Changes, FilterVerdict, Milter, Result
+from txmilt.mta import MTA, Message, apply_modifications
 from txmilt.protocol import MilterFactory
 from txmilt.testing import POSTFIX, SENDMAIL, Call, FakeMTA, RecordingMilter, Step
 
@@ -483,15 +484,15 @@ class MessageTests(SynchronousTestCase):
 
     def test_model_rules(self) -> None:
         """Insert 0 and 1 go to the top, change index counts per name, beyond the count appends."""
-        mta = FakeMTA([RecordingMilter])
-        result = mta.message("<a@example.com>", ["<b@example.net>"], [("A", "1"), ("B", "2"), ("b", "3")])
-        mta._apply(result, [
+        headers = [("A", "1"), ("B", "2"), ("b", "3")]
+        result = Message(headers, b"body", "<a@example.com>", (), [("<b@example.net>", ())])
+        apply_modifications(result, [
             InsertHeader(1, "Top", "t"), InsertHeader(3, "Mid", "m"), InsertHeader(99, "End", "e"),
             ChangeHeader(2, "B", "changed"), ChangeHeader(1, "a", ""), ChangeHeader(3, "b", ""),
             ChangeHeader(4, "b", "appended"), AddHeader("Last", "l"),
             ChangeFrom("<x@example.com>"), AddRecipient("<c@example.org>", ()), DeleteRecipient("b@example.net"),
             ReplaceBody(b"one"), ReplaceBody(b"two"), Quarantine("q"),
-        ])
+        ], mta=MTA.POSTFIX)
         self.assertEqual(result.headers, [
             ("Top", "t"), ("Mid", "m"), ("B", "2"), ("B", "changed"), ("End", "e"), ("b", "appended"), ("Last", "l"),
         ])

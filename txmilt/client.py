@@ -31,11 +31,7 @@ from txmilt.codec import DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError, LocalProtocolError, MilterError, MilterUnavailableError, ProtocolError
 from txmilt.messages import (
     Abort,
-    Accept,
     Command,
-    ConnectionFail,
-    Continue,
-    Discard,
     Macros,
     Modification,
     Negotiate,
@@ -43,11 +39,7 @@ from txmilt.messages import (
     Progress,
     Quarantine,
     Quit,
-    Reject,
     Response,
-    Shutdown,
-    Skip,
-    TempFail,
     Verdict,
 )
 from txmilt.session import NEED_DATA, Disconnected, MTASession
@@ -309,7 +301,7 @@ class MilterClient(Protocol):
         result: object
         if isinstance(response, NegotiateReply):
             result = response
-        elif isinstance(response, _VERDICTS):
+        elif isinstance(response, Verdict):
             result = Reply(response, tuple(request.modifications), request.progress, request.quarantine)
         else:
             request.modifications.append(response)
@@ -371,7 +363,6 @@ class MilterClient(Protocol):
         return waiter
 
 
-_VERDICTS: Final = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown, ConnectionFail)
 
 
 # ------------------------------------------------------------------ connecting

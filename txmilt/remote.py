@@ -485,20 +485,6 @@ _OPTIONS: Final = frozenset(
 )
 
 
-def remote_filter(
-    address: str | IStreamClientEndpoint,
-    *,
-    name: str | None = None,
-    timeout: float = FilterSpec.timeout,
-    fallback: FilterVerdict | None = None,
-    dry_run: bool = False,
-    after_changes: bool = False,
-    when: When | Mapping[str, Any] | None = None,
-    **options: Any,
-) -> FilterSpec:
-    """A chain member proxying to the external milter at ``address`` (see RemoteMilter.spec)."""
-    return RemoteMilter.spec(
-        address, name=name, timeout=timeout, fallback=fallback, dry_run=dry_run, after_changes=after_changes,
-        when=when, **options,
-    )
+#: A chain member proxying to the external milter at an address: RemoteMilter.spec under a short name.
+remote_filter = RemoteMilter.spec
 

@@ -31,23 +31,17 @@ from txmilt.interfaces import IMilter
 from txmilt.messages import (
     Abort,
     Accept,
-    AddHeader,
-    AddRecipient,
     BodyChunk,
-    ChangeFrom,
-    ChangeHeader,
     Command,
     Connect,
     Continue,
     Data,
-    DeleteRecipient,
     Discard,
     EndOfHeaders,
     EndOfMessage,
     Family,
     Header,
     Helo,
-    InsertHeader,
     Macros,
     MacroStage,
     MailFrom,
@@ -56,20 +50,17 @@ from txmilt.messages import (
     NegotiateReply,
     Progress,
     ProtocolFlag,
-    Quarantine,
     Quit,
     RcptTo,
     Reject,
-    ReplaceBody,
     Response,
     Shutdown,
     Skip,
     TempFail,
     Unknown,
     Verdict,
-    strip_leading_space,
 )
-from txmilt.mta import POSTFIX, SENDMAIL, Message, MTAProfile, apply_modifications
+from txmilt.mta import POSTFIX, SENDMAIL, MTAProfile
 from txmilt.protocol import MilterFactory, MilterProtocol
 from txmilt.recording import Call as Call
 from txmilt.recording import RecordingMilter as RecordingMilter
@@ -89,9 +80,6 @@ __all__ = [
 ]
 
 _FINAL = (Continue, Accept, Reject, TempFail, Discard, Skip, Shutdown)
-_MODIFICATIONS = (
-    AddHeader, InsertHeader, ChangeHeader, ChangeFrom, AddRecipient, DeleteRecipient, ReplaceBody, Quarantine,
-)
 
 
 # ------------------------------------------------------------------- results
@@ -519,7 +507,7 @@ class FakeMTA:
                 else:
                     step = self._step(instruction.command)
                     verdict = self._waited(step)
-                    changes = tuple(r for r in step.responses if isinstance(r, _MODIFICATIONS))
+                    changes = tuple(r for r in step.responses if isinstance(r, Modification))
                     answer = Answer(verdict, changes, self.connected)
                 instruction = conversation.send(answer)
         except StopIteration as done:
@@ -533,21 +521,6 @@ class FakeMTA:
         return self.connected and self.session.negotiated is not None
 
     # -- the message model
-
-    def _stored(self, value: str) -> str:
-        """A header value from a modification as it reads once stored, without the space after the colon."""
-        return strip_leading_space(value) if self.leading_space else value
-
-    def _apply(self, result: MessageResult, modifications: Sequence[Modification]) -> None:
-        """Apply modifications to the message as the MTA does (PROTOCOL.md §3.3-3.5)."""
-        message = Message(
-            list(result.headers), result.body, result.sender, result.sender_args, list(result.recipients),
-            result.quarantined,
-        )
-        apply_modifications(message, modifications, self._stored, self.profile.mta)
-        result.headers, result.body = message.headers, message.body
-        result.sender, result.sender_args = message.sender, message.sender_args
-        result.recipients, result.quarantined = message.recipients, message.quarantined
 
 
 def _as_member(member: FilterMember) -> FilterSpec | Callable[[], IMilter]:

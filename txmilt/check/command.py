@@ -24,7 +24,7 @@ from txmilt.check.play import CheckError, MilterSession, reactor_connector
 from txmilt.check.report import check_report
 from txmilt.check.status import ExitStatus
 from txmilt.check.text import check_text, load_text
-from txmilt.client import milter_endpoint
+from txmilt.client import check_milter_address
 from txmilt.conversation import Mail
 from txmilt.errors import ConfigurationError
 
@@ -131,7 +131,7 @@ async def _load(reactor: Any, options: CheckOptions, mail: Mail) -> int:
 async def _run(reactor: Any, options: CheckOptions, mail: Mail, run: _Run) -> None:
     try:
         for address in options.milters:
-            milter_endpoint(address, reactor, options.timeout)
+            check_milter_address(address)
         status = await (_load if options.load else _check)(reactor, options, mail)
     except CheckError as e:
         _fail(e, ExitStatus.FAILED)

@@ -26,17 +26,11 @@ class ExitStatus(enum.IntEnum):
     USAGE = 64
 
 
-_NAMES: dict[type, str] = {
-    Continue: "continue", Accept: "accept", Reject: "reject", TempFail: "tempfail", Discard: "discard",
-    Shutdown: "shutdown",
-}
-
-
 def verdict_name(verdict: Verdict | None) -> str:
     """A verdict as the reports spell it: ``continue``, ``reject`` ... (``none`` for no verdict)."""
     if verdict is None:
         return "none"
-    return _NAMES.get(type(verdict), type(verdict).__name__.lower())
+    return type(verdict).__name__.lower()
 
 
 def exit_status(verdict: Verdict | None) -> ExitStatus:
