@@ -593,6 +593,14 @@ class SupervisedConfigTests(ConfigTestCase):
             "filters dkim and other both run a command for inet:8892@127.0.0.1",
         )
 
+    def test_one_command_per_address_however_written(self) -> None:
+        """inet:PORT@HOST and inet:HOST:PORT name one address."""
+        other = REMOTE.replace("dkim", "other").replace("inet:8892@127.0.0.1", "inet:127.0.0.1:8892")
+        self.assert_refused(
+            REMOTE + 'command = ["true"]\n' + other + 'command = ["true"]\n',
+            "filters dkim and other both run a command for inet:127.0.0.1:8892",
+        )
+
 
 class ConfigSourceTests(SynchronousTestCase):
     """ConfigSource: the file's text and the command line, built the same way anywhere."""

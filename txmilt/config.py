@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal, NamedTuple, TypeAlias
 
+from txmilt.address import connect_address
 from txmilt.chain import DEFAULT_BODY_SPOOL_THRESHOLD, DEFAULT_MAX_BODY_SIZE, FilterSpec, check_chain_order
 from txmilt.codec import ABSOLUTE_FRAME_LIMIT, DEFAULT_FRAME_LIMIT
 from txmilt.errors import ConfigurationError
@@ -209,7 +210,6 @@ class Setting(NamedTuple):
     option: str
     kind: SettingKind
     help: str
-    default: Any
     check: RangeCheck | None
     factory: bool
 
@@ -243,7 +243,7 @@ def _settings() -> tuple[Setting, ...]:
             key = declared.key or item.name
             found.append(Setting(
                 item.name, key, key.replace("_", "-"), declared.kind,
-                declared.help.format(default=_shown(item.default)), item.default, declared.check, declared.factory,
+                declared.help.format(default=_shown(item.default)), declared.check, declared.factory,
             ))
     return tuple(found)
 
@@ -332,7 +332,7 @@ def parse_config(
     )
 
 
-def check_config(config: DaemonConfig, *, require_filters: bool = True, check_listen: bool = True) -> DaemonConfig:
+def check_config(config: DaemonConfig, *, check_listen: bool = True) -> DaemonConfig:
     """The config with defaults filled in; ConfigurationError for values out of range.
 
     Every filter is created once (its specs come back as VerifiedFilters, which
@@ -342,7 +342,7 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True, check_li
     """
     for setting in SETTINGS:
         setting.check_value(getattr(config, setting.name), setting.name)
-    if require_filters and not config.filters:
+    if not config.filters:
         raise ConfigurationError("no filters configured; give --filter module:Class or [[filter]] in the config file")
     filters = config.filters
     if not isinstance(filters, VerifiedFilters):
@@ -365,14 +365,15 @@ def check_config(config: DaemonConfig, *, require_filters: bool = True, check_li
 
 def _check_supervised(commands: tuple[SupervisedCommand, ...]) -> None:
     """ConfigurationError for a program that cannot be found, or two programs for one address."""
-    runs: dict[str, str] = {}
+    runs: dict[object, str] = {}
     for supervised in commands:
-        if supervised.address in runs:
+        same = connect_address(supervised.address) or supervised.address  # inet:8891@h is inet:h:8891
+        if same in runs:
             raise ConfigurationError(
-                f"filters {runs[supervised.address]} and {supervised.name} both run a command for"
+                f"filters {runs[same]} and {supervised.name} both run a command for"
                 f" {supervised.address}; give the command to one of them"
             )
-        runs[supervised.address] = supervised.name
+        runs[same] = supervised.name
         program = supervised.command[0]
         search = dict(supervised.env).get("PATH", os.environ.get("PATH", os.defpath))
         if shutil.which(program, path=search) is None:

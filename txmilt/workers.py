@@ -348,10 +348,10 @@ class WorkerPool:
         return self._metrics
 
     def serving(self) -> bool:
-        """Whether the workers serve (they were started and not stopped)."""
+        """Whether the workers serve (they were started and not stopped).
+
+        A method, not the attribute, so that type checkers read it afresh after an ``await``.
+        """
         return self._running
 
-    def pids(self) -> list[int]:
-        """The process ids of the running workers."""
-        return [worker.pid for worker in self.workers if worker.pid is not None]
 
