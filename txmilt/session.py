@@ -126,9 +126,10 @@ class LimitExceeded:
 
 
 @functools.lru_cache(maxsize=64)
-def _silenced(protocol: ProtocolFlag) -> frozenset[type]:
-    """The commands whose reply ``protocol`` switches off (one shared set per flag value)."""
-    return frozenset(kind for kind, flag in NO_REPLY_FLAG.items() if protocol & flag)
+def _answered(protocol: ProtocolFlag) -> frozenset[type]:
+    """The commands that need a reply under ``protocol`` (one shared set per flag value)."""
+    replied = {kind for kind, flag in NO_REPLY_FLAG.items() if not protocol & flag}
+    return frozenset({Negotiate, EndOfMessage, *replied})
 
 
 _REPLIES_SENT: dict[tuple[Negotiate, int], tuple[NegotiateReply, bytes]] = {}
@@ -159,7 +160,7 @@ class _Session:
     """Order, negotiation and reply bookkeeping shared by both sides."""
 
     __slots__ = (
-        "_awaiting", "_eof", "_frames", "_message_open", "_silent", "_transitions", "negotiated", "offer", "stage",
+        "_answered", "_awaiting", "_eof", "_frames", "_message_open", "_transitions", "negotiated", "offer", "stage",
     )
 
     _local_error: type[ProtocolError] = LocalProtocolError
@@ -171,7 +172,7 @@ class _Session:
         self.offer: Negotiate | None = None
         self.negotiated: NegotiateReply | None = None
         self._transitions = transitions(ProtocolFlag.NONE)
-        self._silent: frozenset[type] = frozenset()
+        self._answered = _answered(ProtocolFlag.NONE)
         self._awaiting: Command | None = None
         self._message_open = False
 
@@ -205,14 +206,11 @@ class _Session:
     def _set_negotiated(self, offer: Negotiate, reply: NegotiateReply) -> None:
         self.offer, self.negotiated = offer, reply
         self._transitions = transitions(reply.protocol)
-        self._silent = _silenced(reply.protocol)
+        self._answered = _answered(reply.protocol)
         self.stage = Stage.OPTIONS
 
     def _reply_expected(self, command: Command) -> bool:
-        kind = type(command)
-        if kind is Negotiate or kind is EndOfMessage:
-            return True
-        return kind in NO_REPLY_FLAG and kind not in self._silent
+        return type(command) in self._answered
 
     def _order(self, command: Command, error: type[ProtocolError]) -> list[Command]:
         """Move the stage for ``command`` (TRANSITIONS); the events it stands for (an implicit abort first)."""
@@ -398,8 +396,7 @@ class MilterSession(_Session):
             pending.extend(events)
         else:
             event = pending.pop(0)
-        kind = type(event)
-        if kind is Negotiate or kind is EndOfMessage or (kind in NO_REPLY_FLAG and kind not in self._silent):
+        if type(event) in self._answered:
             self._awaiting = event  # type: ignore[assignment]
         return event
 
@@ -463,13 +460,9 @@ class MilterSession(_Session):
     def send(self, response: Response) -> bytes:
         """The bytes for ``response``; LocalProtocolError if it may not be sent now."""
         command = self._awaiting
-        if type(response) is Continue and command is not None:
-            kind = type(command)
-            if kind is not Negotiate:  # the common case, without the general checks (see _after_final)
-                self._awaiting = None
-                if kind is EndOfMessage and self.stage is not Stage.CLOSED:
-                    self._message_open = False
-                return _CONTINUE_FRAME
+        if type(response) is Continue and command is not None and type(command) is not Negotiate:
+            self._after_final(command, response)  # the common case: CONTINUE may answer anything else
+            return _CONTINUE_FRAME
         command = self._check_response(response, LocalProtocolError)
         if isinstance(response, NegotiateReply):
             assert isinstance(command, Negotiate)
