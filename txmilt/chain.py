@@ -472,9 +472,7 @@ class Chain:
                 return True
             if not member.failed and isinstance(verdict, _GOES_ON):
                 merger.add(member.name, recorder, saw_edits=member.replayed)
-                if self._context.observer is not None:
-                    for kind in describe(recorder):
-                        member.count_change(kind)
+                member.count_changes(recorder)
             # Postfix ends a quarantined message's milter pass; Sendmail goes on to the next milter.
             return stop_on_quarantine and merger.quarantined is not None
 
@@ -529,8 +527,7 @@ class Chain:
                     "[{conn}] evaluation: filter {filter} would answer {verdict!r} with changes {changes!r}",
                     conn=self.connection_id, filter=member.name, verdict=verdict, changes=describe(recorder),
                 )
-            for kind in describe(recorder):
-                member.count_change(kind)
+            member.count_changes(recorder)
 
         member.enqueue(run)
 

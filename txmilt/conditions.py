@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from txmilt.errors import ConfigurationError
-from txmilt.messages import Connect, Family
+from txmilt.messages import Connect, Family, MailFrom
 
 Network: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -151,13 +151,7 @@ def client_address(command: Connect) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 def sender_domain(sender: str) -> str | None:
     """The domain of a MAIL FROM address, lower-case and in ASCII (IDNA); None for the null sender."""
-    address = sender.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    _, at, domain = address.rpartition("@")
-    if not at or not domain:
-        return None
-    return _ascii_domain(domain.rstrip(".")) or None
+    return _ascii_domain(MailFrom(sender).domain.rstrip(".")) or None
 
 
 def _ascii_domain(domain: str) -> str:

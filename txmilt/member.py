@@ -24,6 +24,7 @@ from txmilt.coroutines import coroutine_deferred
 from txmilt.errors import ConfigurationError, LocalProtocolError
 from txmilt.interfaces import IMilter
 from txmilt.merge import Needs
+from txmilt.merge import describe as describe_changes
 from txmilt.messages import (
     Accept,
     Action,
@@ -363,10 +364,12 @@ class Member:
         if observer is not None:
             observer.verdict(self.name, stage, type(verdict).__name__, self.spec.dry_run)
 
-    def count_change(self, kind: str) -> None:
-        """Report one change to the observer."""
-        if self.context.observer is not None:
-            self.context.observer.change(self.name, kind, self.spec.dry_run)
+    def count_changes(self, recorder: Any) -> None:
+        """Report each change the filter recorded to the observer, if there is one."""
+        observer = self.context.observer
+        if observer is not None:
+            for kind in describe_changes(recorder):
+                observer.change(self.name, kind, self.spec.dry_run)
 
     def end_of_message(self, recorder: Any, macros: MacroView) -> FilterVerdict | Deferred[Any]:
         """Call end_of_message, showing a ``whole_body`` filter its body first (its fallback if it has none)."""
