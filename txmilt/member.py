@@ -255,7 +255,7 @@ class Member:
         self.spool: BodySpool | None = None
         #: A dry-run filter's running work, and the work waiting for it, in order.
         self.pending: Deferred[Any] | None = None
-        self.queued: deque[Callable[[], object]] = deque()
+        self.queued: deque[Callable[[], object]] | None = None  # made when first needed (memory per connection)
         #: It is shown the message content at end of message, as the filters before it left it.
         self.replayed = False
 
@@ -289,6 +289,8 @@ class Member:
         one after another, through this queue.
         """
         if self.pending is not None:
+            if self.queued is None:
+                self.queued = deque()
             self.queued.append(work)
             return
         while True:
@@ -310,7 +312,7 @@ class Member:
 
     def stop_queue(self) -> None:
         """Drop the queued work and cancel the running one."""
-        self.queued.clear()
+        self.queued = None
         running, self.pending = self.pending, None
         if running is not None:
             running.cancel()
